@@ -1,0 +1,23 @@
+// The distill_kl row kernel compiled for AVX2+FMA; picked at run time (common/cpu_features.h).
+// Standard headers first, so their inline functions are compiled for the baseline ISA.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#if defined(__x86_64__)
+#pragma GCC target("avx2,fma")
+#include "../common/cpu_vec_avx2.h"
+#endif
+#include "distill_kl_cpu_rows.h"
+
+namespace reuse_core {
+
+void distill_kl_rows_avx2(const DistillKLParams& P, int64_t r0, int64_t r1) {
+#if defined(__x86_64__)
+  distill_kl_rows_run<avx2::Ops>(P, r0, r1);
+#else
+  distill_kl_rows_portable(P, r0, r1);
+#endif
+}
+
+}  // namespace reuse_core

@@ -1,0 +1,43 @@
+// Every op's schema, in one place. Kernels register per backend in csrc/<op>/<op>_{cpu,cuda}.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "common/cpu_features.h"
+#include "ops.h"
+
+namespace reuse_core {
+
+std::string build_info() {
+  std::string info = "{\"cpu_isa\": \"";
+  info += use_avx2() ? "avx2" : "portable";
+#ifdef REUSE_WITH_CUDA
+  info += "\", \"cuda\": true, \"cuda_archs\": \"" REUSE_CUDA_ARCHS "\"}";
+#else
+  info += "\", \"cuda\": false, \"cuda_archs\": \"\"}";
+#endif
+  return info;
+}
+
+TORCH_LIBRARY(reuse_core, m) {
+  // Loss (reduced, or per row for reduction=none) and the gradients, already scaled by the
+  // reduction, for the inputs that asked for one (empty tensors otherwise).
+  m.def(
+      "distill_kl(Tensor student, Tensor teacher, Tensor? labels, float temperature, float kd_weight, "
+      "float ce_weight, int ignore_index, int reduction, bool grad_student, bool grad_teacher) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Members: K tensors (..., C), or one stacked (K, ..., C) when stacked. Returns the output and
+  // the per-member, per-row logsumexp (float32/float64) that the backward reuses.
+  m.def("ensemble_average(Tensor[] members, Tensor weights, int mode, bool stacked) -> (Tensor, Tensor)");
+  m.def(
+      "ensemble_average_backward(Tensor grad, Tensor[] members, Tensor weights, Tensor out, Tensor lse, "
+      "int mode, bool stacked) -> (Tensor[], Tensor)");
+  m.def("build_info() -> str", &build_info);
+}
+
+}  // namespace reuse_core
+
+// reuse_core._C is imported as a Python module; importing it runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

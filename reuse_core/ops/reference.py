@@ -1,0 +1,80 @@
+"""Pure-PyTorch references of the fused ops: the definition the kernels are tested against,
+and the fallback when the compiled extension is missing. Same signatures as the fused ops."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _math_dtype(*xs: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def distill_kl_loss_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+) -> torch.Tensor:
+    """kd_weight * T^2 * KL(softmax(t/T) || softmax(s/T)) + ce_weight * CE(s, label), per row."""
+    dt = _math_dtype(student_logits, teacher_logits)
+    V = student_logits.shape[-1]
+    s = student_logits.to(dt).reshape(-1, V)
+    t = teacher_logits.to(dt).reshape(-1, V)
+    T = float(temperature)
+    log_q = F.log_softmax(s / T, dim=-1)
+    log_p = F.log_softmax(t / T, dim=-1)
+    p = log_p.exp()
+    # Terms with p = 0 contribute 0 (and their gradient is 0, not 0 * inf).
+    diff = torch.where(p > 0, log_p - log_q, torch.zeros((), dtype=dt, device=s.device))
+    rows = torch.zeros(s.shape[0], dtype=dt, device=s.device)
+    if kd_weight != 0:
+        rows = rows + kd_weight * T * T * (p * diff).sum(-1)
+    counted = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+    if labels is not None:
+        lab = labels.reshape(-1).long()
+        counted = lab != ignore_index
+        if ce_weight != 0:
+            rows = rows + ce_weight * F.cross_entropy(s, lab, ignore_index=ignore_index, reduction="none")
+        rows = torch.where(counted, rows, torch.zeros((), dtype=dt, device=s.device))
+    out_dtype = student_logits.dtype
+    if reduction == "none":
+        return rows.reshape(student_logits.shape[:-1]).to(out_dtype)
+    total = rows.sum()
+    if reduction in ("mean", "batchmean"):
+        total = total / counted.sum().clamp(min=1)
+    return total.to(out_dtype)
+
+
+def ensemble_average_reference(
+    member_logits: torch.Tensor | Sequence[torch.Tensor],
+    weights: torch.Tensor | None = None,
+    *,
+    mode: str = "probs",
+) -> torch.Tensor:
+    """sum_k w_k f(z_k) / sum_k w_k with f = identity ("logits") or softmax ("probs");
+    "log_probs" is the log of the "probs" result, computed as a logsumexp."""
+    z = member_logits if isinstance(member_logits, torch.Tensor) else torch.stack(list(member_logits))
+    K = z.shape[0]
+    out_dtype = z.dtype
+    dt = _math_dtype(z) if weights is None else _math_dtype(z, weights)
+    zf = z.to(dt)
+    w = torch.ones(K, dtype=dt, device=z.device) if weights is None else weights.to(dt)
+    wn = (w / w.sum()).reshape((K,) + (1,) * (z.dim() - 1))
+    zero = torch.zeros((), dtype=dt, device=z.device)
+    if mode == "logits":
+        out = torch.where(wn > 0, wn * zf, zero).sum(0)
+    elif mode == "probs":
+        out = (wn * F.softmax(zf, dim=-1)).sum(0)
+    elif mode == "log_probs":
+        out = torch.logsumexp(torch.log(wn) + F.log_softmax(zf, dim=-1), dim=0)
+    else:
+        raise ValueError(f"mode must be 'logits', 'probs' or 'log_probs', got {mode!r}")
+    return out.to(out_dtype)
