@@ -1,4 +1,5 @@
 """The fused ops, callable from any PyTorch training code."""
 from .distill_kl import distill_kl_loss
+from .ensemble_average import ensemble_average
 
-__all__ = ["distill_kl_loss"]
+__all__ = ["distill_kl_loss", "ensemble_average"]

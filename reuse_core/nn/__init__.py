@@ -1,0 +1,5 @@
+"""nn.Module wrappers of the fused ops."""
+from .distillation_loss import DistillationLoss
+from .ensemble_average import EnsembleAverage
+
+__all__ = ["DistillationLoss", "EnsembleAverage"]
