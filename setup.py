@@ -47,7 +47,8 @@ archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native GPU") if build_cuda else 
 cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
 cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
 
-cxx_flags = ["-O3", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
+# -fopenmp: at::parallel_for is inline, and runs serially in code compiled without it.
+cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
 nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
 define_macros = [("REUSE_CUDA_ARCHS", f'"{archs}"')]
 
@@ -63,6 +64,7 @@ if build_cuda:
         cpp_sources + cuda_sources,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=["-fopenmp"],
     )
 else:
     ext = CppExtension(
@@ -70,6 +72,7 @@ else:
         cpp_sources,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
     )
 
 print(

@@ -11,6 +11,10 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
+
+// Lambdas in the row kernels' inner loops must inline, or the loop pays a call per vector.
+#define REUSE_AI __attribute__((always_inline))
 
 namespace reuse_core {
 
@@ -72,9 +76,29 @@ struct ScalarOps {
   // m ? a : 0, and 0 (not NaN) when a is NaN but m is false.
   static V and_mask(M m, V a) { return m ? a : V(0); }
   static V select(M m, V a, V b) { return m ? a : b; }
+  static bool all(M m) { return m; }
   static T reduce_add(V v) { return v; }
   static T reduce_max(V v) { return v; }
 };
+
+// Runs f(i, tail) over [0, n) in steps of W: full vectors with tail = std::false_type, then
+// at most one partial vector with std::true_type, so the main loop carries no tail test.
+template <int W, class F>
+inline __attribute__((always_inline)) void for_chunks(int64_t n, F&& f) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) f(i, std::false_type{});
+  if (i < n) f(i, std::true_type{});
+}
+
+// Load/store a vector, or the first `rem` elements when Tail (other lanes read as `fill`).
+template <class Ops, class Tail, class Y>
+inline __attribute__((always_inline)) typename Ops::V vload(const Y* p, int64_t rem, typename Ops::T fill) {
+  if constexpr (Tail::value) return Ops::load_tail(p, rem, fill); else return Ops::load(p);
+}
+template <class Ops, class Tail, class Y>
+inline __attribute__((always_inline)) void vstore(Y* p, typename Ops::V v, int64_t rem) {
+  if constexpr (Tail::value) Ops::store_tail(p, v, rem); else Ops::store(p, v);
+}
 
 // Calls f(X{}) with X the storage type of d (float64 only where the policy computes in it).
 template <bool kWithF64, class F>

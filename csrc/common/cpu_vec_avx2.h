@@ -61,6 +61,7 @@ struct Ops {
   static M gt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
   static V and_mask(M m, V a) { return _mm256_and_ps(m, a); }
   static V select(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
+  static bool all(M m) { return _mm256_movemask_ps(m) == 0xFF; }
 
   // exp(x) to ~2 ulp over the float range; exactly 0 for x < -87.3 (and for -inf), so a
   // masked-out or -inf logit contributes exactly nothing.
@@ -87,6 +88,32 @@ struct Ops {
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     V result = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
     return _mm256_andnot_ps(underflow, result);
+  }
+
+  // log(x) for normal x > 0 (callers never pass 0, negatives or denormals), ~1 ulp
+  // (Cephes logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)), polynomial in m - 1).
+  static V log(V x) {
+    const __m256i bits = _mm256_castps_si256(x);
+    V e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
+    V m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)),
+                                              _mm256_set1_epi32(0x3F000000)));  // in [0.5, 1)
+    const M small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+    e = _mm256_sub_ps(e, _mm256_and_ps(small, _mm256_set1_ps(1.0f)));
+    m = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), _mm256_set1_ps(1.0f));
+    const V z = _mm256_mul_ps(m, m);
+    V y = _mm256_set1_ps(7.0376836292e-2f);
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.1514610310e-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.1676998740e-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.2420140846e-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.4249322787e-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.6668057665e-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(2.0000714765e-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-2.4999993993e-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(3.3333331174e-1f));
+    y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
+    y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+    y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+    return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, y));
   }
 
   static T reduce_add(V v) {

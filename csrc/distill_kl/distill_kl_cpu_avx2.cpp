@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 #if defined(__x86_64__)
 #pragma GCC target("avx2,fma")
 #include "../common/cpu_vec_avx2.h"

@@ -1,11 +1,14 @@
 // Row kernel of the fused distillation loss, templated over a math policy (common/cpu_vec.h)
 // so the portable and the AVX2 translation units share one algorithm.
 //
-// Per row (KERNEL_NOTES.md): pass 1 reads s and t once, in blocks that stay in L1, and keeps
-// the running maxima and the sums of exp((x - max) / T) (and of exp(s - max) for the cross
-// entropy); pass 2 re-reads the row (from cache) and writes the student gradient while it sums
-// the KL term; pass 3 runs only when the teacher needs a gradient too.
+// Per row (KERNEL_NOTES.md): pass 1 reads s and t once from memory, in blocks that stay in L1,
+// keeps the running maxima and the sums of exp((x - max) / T) (and of exp(s - max) for the
+// cross entropy) and parks those exponentials in a per-thread scratch row; pass 2 re-reads the
+// row (from cache) and the scratch, and writes the student gradient while it sums the KL term;
+// pass 3 runs only when the teacher needs a gradient too.
 #pragma once
+
+#include <vector>
 
 #include "../common/cpu_vec.h"
 
@@ -44,6 +47,13 @@ struct DistillKLRows {
     const bool use_ce = P.ce_weight != 0 && P.labels != nullptr;
     const bool tempered = invT != T(1);
     T* loss_rows = static_cast<T*>(P.loss_rows);
+    const int64_t nblocks = (n + kBlock - 1) / kBlock;
+    std::vector<T> scratch(3 * n + 2 * nblocks);  // per thread: exps of s/T, t/T, s; block maxima
+    T* es = scratch.data();
+    T* et = es + n;
+    T* ec = et + n;
+    T* block_ms = ec + n;
+    T* block_mt = block_ms + nblocks;
 
     for (int64_t r = r0; r < r1; ++r) {
       const S* s = static_cast<const S*>(P.student) + r * n;
@@ -58,21 +68,25 @@ struct DistillKLRows {
         continue;
       }
 
-      // Pass 1: maxima and sums of exponentials, online across L1-sized blocks.
+      // Pass 1: maxima and sums of exponentials, online across L1-sized blocks. The
+      // exponentials go to a per-thread scratch row (L2), each block relative to the running
+      // maximum it saw; pass 2 rescales them per block instead of recomputing them.
       T ms = -inf, mt = -inf;
       V sum_s = Ops::set1(0), sum_t = Ops::set1(0), sum_c = Ops::set1(0);
-      for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
-        const int64_t b1 = min64(b0 + kBlock, n);
+      const V vinvT = Ops::set1(invT);
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const int64_t b0 = blk * kBlock, len = min64(kBlock, n - b0);
+        const S* sb = s + b0;
+        const Tt* tb = t + b0;
+        T* xs = es + b0;
+        T* xt = et + b0;
+        T* xc = ec + b0;
         V vms = Ops::set1(-inf), vmt = Ops::set1(-inf);
-        int64_t i = b0;
-        for (; i + W <= b1; i += W) {
-          vms = Ops::max(vms, Ops::load(s + i));
-          vmt = Ops::max(vmt, Ops::load(t + i));
-        }
-        if (i < b1) {
-          vms = Ops::max(vms, Ops::load_tail(s + i, b1 - i, -inf));
-          vmt = Ops::max(vmt, Ops::load_tail(t + i, b1 - i, -inf));
-        }
+        for_chunks<W>(len, [&](int64_t i, auto tail) REUSE_AI {
+          using Tl = decltype(tail);
+          vms = Ops::max(vms, vload<Ops, Tl>(sb + i, len - i, -inf));
+          vmt = Ops::max(vmt, vload<Ops, Tl>(tb + i, len - i, -inf));
+        });
         const T bms = Ops::reduce_max(vms), bmt = Ops::reduce_max(vmt);
         if (bms > ms) {  // rescale the running sums to the new maximum
           sum_s = Ops::mul(sum_s, Ops::exp(Ops::set1((ms - bms) * invT)));
@@ -83,19 +97,25 @@ struct DistillKLRows {
           sum_t = Ops::mul(sum_t, Ops::exp(Ops::set1((mt - bmt) * invT)));
           mt = bmt;
         }
+        block_ms[blk] = ms;
+        block_mt[blk] = mt;
         // Centre on the raw maximum before scaling by 1/T (KERNEL_NOTES: exp((x - m)/T)).
         const V cs = Ops::set1(ms == -inf ? T(0) : ms), ct = Ops::set1(mt == -inf ? T(0) : mt);
-        const V vinvT = Ops::set1(invT);
-        for (i = b0; i < b1; i += W) {
-          const bool tail = i + W > b1;
-          const V vs = tail ? Ops::load_tail(s + i, b1 - i, -inf) : Ops::load(s + i);
-          const V vt = tail ? Ops::load_tail(t + i, b1 - i, -inf) : Ops::load(t + i);
-          const V ds = Ops::sub(vs, cs);
-          const V es = Ops::exp(Ops::mul(ds, vinvT));
-          sum_s = Ops::add(sum_s, es);
-          if (use_ce) sum_c = Ops::add(sum_c, tempered ? Ops::exp(ds) : es);
-          sum_t = Ops::add(sum_t, Ops::exp(Ops::mul(Ops::sub(vt, ct), vinvT)));
-        }
+        for_chunks<W>(len, [&](int64_t i, auto tail) REUSE_AI {
+          using Tl = decltype(tail);
+          const V ds = Ops::sub(vload<Ops, Tl>(sb + i, len - i, -inf), cs);
+          const V vs = Ops::exp(Ops::mul(ds, vinvT));
+          const V vt = Ops::exp(Ops::mul(Ops::sub(vload<Ops, Tl>(tb + i, len - i, -inf), ct), vinvT));
+          sum_s = Ops::add(sum_s, vs);
+          sum_t = Ops::add(sum_t, vt);
+          vstore<Ops, Tl>(xs + i, vs, len - i);
+          vstore<Ops, Tl>(xt + i, vt, len - i);
+          if (use_ce) {
+            const V vc = tempered ? Ops::exp(ds) : vs;
+            sum_c = Ops::add(sum_c, vc);
+            vstore<Ops, Tl>(xc + i, vc, len - i);
+          }
+        });
       }
       const T Ss = Ops::reduce_add(sum_s), St = Ops::reduce_add(sum_t), Sc = Ops::reduce_add(sum_c);
       const T cs0 = ms == -inf ? T(0) : ms, ct0 = mt == -inf ? T(0) : mt;
@@ -106,26 +126,38 @@ struct DistillKLRows {
       const T gq = use_kd ? kd * T_ * T(P.grad_scale) : T(0);
       const T gc = use_ce ? ce * T(P.grad_scale) : T(0);
 
-      // Pass 2: the student gradient and the KL sum  sum_v p_v (b_v - a_v).
-      const V vcs = Ops::set1(cs0), vct = Ops::set1(ct0), vinvT = Ops::set1(invT);
-      const V vinv_Ss = Ops::set1(inv_Ss), vinv_St = Ops::set1(inv_St), vinv_Sc = Ops::set1(inv_Sc);
+      // Pass 2: the student gradient and the KL sum  sum_v p_v (b_v - a_v), with
+      // a = (s - max s)/T, b = (t - max t)/T, q = softmax(s/T), p = softmax(t/T).
+      const V vcs = Ops::set1(cs0), vct = Ops::set1(ct0);
       const V vgq = Ops::set1(gq), vgc = Ops::set1(gc), zero = Ops::set1(0);
       V kl = Ops::set1(0);
-      for (int64_t i = 0; i < n; i += W) {
-        const bool tail = i + W > n;
-        const V vs = tail ? Ops::load_tail(s + i, n - i, -inf) : Ops::load(s + i);
-        const V vt = tail ? Ops::load_tail(t + i, n - i, -inf) : Ops::load(t + i);
-        const V ds = Ops::sub(vs, vcs);
-        const V a = Ops::mul(ds, vinvT), b = Ops::mul(Ops::sub(vt, vct), vinvT);
-        const V ea = Ops::exp(a);
-        const V p = Ops::mul(Ops::exp(b), vinv_St);
-        // p == 0 contributes 0, never 0 * (-inf) = NaN.
-        kl = Ops::add(kl, Ops::and_mask(Ops::gt(p, zero), Ops::mul(p, Ops::sub(b, a))));
-        if (gs) {
-          V g = Ops::mul(vgq, Ops::sub(Ops::mul(ea, vinv_Ss), p));
-          if (use_ce) g = Ops::fma(vgc, Ops::mul(tempered ? Ops::exp(ds) : ea, vinv_Sc), g);
-          if (tail) Ops::store_tail(gs + i, g, n - i); else Ops::store(gs + i, g);
-        }
+      for (int64_t blk = 0; blk < nblocks; ++blk) {
+        const int64_t b0 = blk * kBlock, len = min64(kBlock, n - b0);
+        // This block's exponentials were taken relative to block_m*: bring them to the final
+        // maxima and normalise in one factor per block.
+        const V fs = Ops::set1(block_ms[blk] == -inf ? T(0) : std::exp((block_ms[blk] - cs0) * invT) * inv_Ss);
+        const V ft = Ops::set1(block_mt[blk] == -inf ? T(0) : std::exp((block_mt[blk] - ct0) * invT) * inv_St);
+        const V fc = Ops::set1(block_ms[blk] == -inf ? T(0) : std::exp(block_ms[blk] - cs0) * inv_Sc);
+        const S* sb = s + b0;
+        const Tt* tb = t + b0;
+        const T* xs = es + b0;
+        const T* xt = et + b0;
+        const T* xc = ec + b0;
+        S* gb = gs ? gs + b0 : nullptr;
+        for_chunks<W>(len, [&](int64_t i, auto tail) REUSE_AI {
+          using Tl = decltype(tail);
+          const V p = Ops::mul(vload<Ops, Tl>(xt + i, len - i, 0), ft);
+          const V a = Ops::mul(Ops::sub(vload<Ops, Tl>(sb + i, len - i, -inf), vcs), vinvT);
+          const V b = Ops::mul(Ops::sub(vload<Ops, Tl>(tb + i, len - i, -inf), vct), vinvT);
+          // p == 0 contributes 0, never 0 * (-inf) = NaN.
+          kl = Ops::add(kl, Ops::and_mask(Ops::gt(p, zero), Ops::mul(p, Ops::sub(b, a))));
+          if (gb) {
+            const V q = Ops::mul(vload<Ops, Tl>(xs + i, len - i, 0), fs);
+            V g = Ops::mul(vgq, Ops::sub(q, p));
+            if (use_ce) g = Ops::fma(vgc, Ops::mul(vload<Ops, Tl>(xc + i, len - i, 0), fc), g);
+            vstore<Ops, Tl>(gb + i, g, len - i);
+          }
+        });
       }
       if (gs && use_ce && gc != 0) {  // the one-hot term, on the label's element alone
         const T x = ScalarOps<T>::load(s + label);
@@ -157,16 +189,15 @@ struct DistillKLRows {
           fill_zero(gt, n);
           continue;
         }
-        const V ve_p = Ops::set1(e_p);
-        for (int64_t i = 0; i < n; i += W) {
-          const bool tail = i + W > n;
-          const V vs = tail ? Ops::load_tail(s + i, n - i, -inf) : Ops::load(s + i);
-          const V vt = tail ? Ops::load_tail(t + i, n - i, -inf) : Ops::load(t + i);
-          const V a = Ops::mul(Ops::sub(vs, vcs), vinvT), b = Ops::mul(Ops::sub(vt, vct), vinvT);
+        const V ve_p = Ops::set1(e_p), vinv_St = Ops::set1(inv_St);
+        for_chunks<W>(n, [&](int64_t i, auto tail) REUSE_AI {
+          using Tl = decltype(tail);
+          const V a = Ops::mul(Ops::sub(vload<Ops, Tl>(s + i, n - i, -inf), vcs), vinvT);
+          const V b = Ops::mul(Ops::sub(vload<Ops, Tl>(t + i, n - i, -inf), vct), vinvT);
           const V p = Ops::mul(Ops::exp(b), vinv_St);
-          const V g = Ops::and_mask(Ops::gt(p, zero), Ops::mul(Ops::mul(vgq, p), Ops::sub(Ops::sub(b, a), ve_p)));
-          if (tail) Ops::store_tail(gt + i, g, n - i); else Ops::store(gt + i, g);
-        }
+          const V d = Ops::sub(Ops::sub(b, a), ve_p);
+          vstore<Ops, Tl>(gt + i, Ops::and_mask(Ops::gt(p, zero), Ops::mul(Ops::mul(vgq, p), d)), n - i);
+        });
       }
     }
   }

@@ -45,63 +45,92 @@ struct EnsembleRows {
     return static_cast<const X*>(P.members[k]) + r * P.C;
   }
 
-  // logsumexp of one row; -inf for a row of -inf.
-  static T row_lse(const X* z, int64_t n) {
+  // Writes e = exp(z - max z) to `e`, max z to `m`, and returns logsumexp(z) (-inf for a row
+  // of -inf).
+  static T row_exp_lse(const X* z, int64_t n, T* e, T& m) {
     const T inf = std::numeric_limits<T>::infinity();
     V vm = Ops::set1(-inf);
-    for (int64_t i = 0; i < n; i += W) vm = Ops::max(vm, ld(z, i, n, -inf));
-    const T m = Ops::reduce_max(vm);
+    for_chunks<W>(n, [&](int64_t i, auto tail) REUSE_AI { vm = Ops::max(vm, vload<Ops, decltype(tail)>(z + i, n - i, -inf)); });
+    m = Ops::reduce_max(vm);
     if (m == -inf) return -inf;
     const V c = Ops::set1(m);
     V acc = Ops::set1(0);
-    for (int64_t i = 0; i < n; i += W) acc = Ops::add(acc, Ops::exp(Ops::sub(ld(z, i, n, -inf), c)));
+    for_chunks<W>(n, [&](int64_t i, auto tail) REUSE_AI {
+      using Tl = decltype(tail);
+      const V x = Ops::exp(Ops::sub(vload<Ops, Tl>(z + i, n - i, -inf), c));
+      acc = Ops::add(acc, x);
+      vstore<Ops, Tl>(e + i, x, n - i);
+    });
     return m + std::log(Ops::reduce_add(acc));
   }
 
-  // The output row r into a[0..C) in the math dtype (b: scratch). Writes the members' lse
-  // when `write_lse`, else reads them.
-  static void compute_row(const EnsembleParams& P, int64_t r, T* a, T* b, bool write_lse) {
+  // The output row r into y[0..C) in the math dtype. `e` is scratch for K rows. Writes the
+  // members' lse when `write_lse`, else reads them.
+  static void compute_row(const EnsembleParams& P, int64_t r, T* y, T* e, bool write_lse) {
     const int64_t n = P.C, K = P.K;
     const T inf = std::numeric_limits<T>::infinity();
     T* lse = static_cast<T*>(P.lse);
-    for (int64_t i = 0; i < n; i += W) st(a, i, n, Ops::set1(P.mode == kLogProbsMode ? -inf : T(0)));
-    if (P.mode == kLogProbsMode)
-      for (int64_t i = 0; i < n; i += W) st(b, i, n, Ops::set1(0));
+    for_chunks<W>(n, [&](int64_t i, auto tail) REUSE_AI { vstore<Ops, decltype(tail)>(y + i, Ops::set1(0), n - i); });
     for (int64_t k = 0; k < K; ++k) {
       const X* z = row_of(P, k, r);
-      if (write_lse) lse[k * P.rows + r] = P.mode == kLogitsMode ? T(0) : row_lse(z, n);
-      const T l = lse[k * P.rows + r];
-      if (P.wn[k] == 0 || l == -inf) continue;  // no contribution (and no 0 * -inf)
-      const V w = Ops::set1(T(P.wn[k])), c = Ops::set1(l);
-      for (int64_t i = 0; i < n; i += W) {
-        const V x = ld(z, i, n, -inf);
-        if (P.mode == kLogitsMode) {
-          st(a, i, n, Ops::fma(w, x, ld_acc(a, i, n)));
-        } else if (P.mode == kProbsMode) {
-          st(a, i, n, Ops::fma(w, Ops::exp(Ops::sub(x, c)), ld_acc(a, i, n)));
-        } else {
-          st(a, i, n, Ops::max(ld_acc(a, i, n), Ops::add(Ops::sub(x, c), Ops::set1(T(P.log_wn[k])))));
-        }
+      T* ek = e + k * n;
+      if (P.mode == kLogitsMode) {
+        if (write_lse) lse[k * P.rows + r] = 0;
+        if (P.wn[k] == 0) continue;  // skip, rather than 0 * (-inf)
+        const V w = Ops::set1(T(P.wn[k]));
+        for_chunks<W>(n, [&](int64_t i, auto tail) REUSE_AI {
+          using Tl = decltype(tail);
+          vstore<Ops, Tl>(y + i, Ops::fma(w, vload<Ops, Tl>(z + i, n - i, 0), vload<Ops, Tl>(y + i, n - i, 0)), n - i);
+        });
+        continue;
       }
+      // One exp per member element: y accumulates w_k e_k / sum(e_k), e_k = exp(z_k - max z_k).
+      if (!write_lse && P.wn[k] == 0) continue;
+      T m;
+      const T l = row_exp_lse(z, n, ek, m);
+      if (write_lse) lse[k * P.rows + r] = l;
+      if (P.wn[k] == 0 || l == -inf) continue;
+      // e_k was taken relative to the row max m: w e / sum(e) = w e exp(m - lse).
+      const V w = Ops::set1(T(P.wn[k]) * std::exp(m - l));
+      for_chunks<W>(n, [&](int64_t i, auto tail) REUSE_AI {
+        using Tl = decltype(tail);
+        vstore<Ops, Tl>(y + i, Ops::fma(w, vload<Ops, Tl>(ek + i, n - i, 0), vload<Ops, Tl>(y + i, n - i, 0)), n - i);
+      });
     }
     if (P.mode != kLogProbsMode) return;
-    for (int64_t k = 0; k < K; ++k) {  // second sweep: sum exp(x - max) with the final max
-      const T l = lse[k * P.rows + r];
-      if (P.wn[k] == 0 || l == -inf) continue;
-      const V c = Ops::set1(T(P.log_wn[k]) - l);
-      for (int64_t i = 0; i < n; i += W) {
-        const V x = Ops::add(ld(row_of(P, k, r), i, n, -inf), c);
-        const V m = ld_acc(a, i, n);
-        // m = -inf only where every member gives probability 0: that entry stays -inf.
-        const V e = Ops::and_mask(Ops::gt(m, Ops::set1(-inf)), Ops::exp(Ops::sub(x, m)));
-        st(b, i, n, Ops::add(ld_acc(b, i, n), e));
+    // log of the mixture. Where it is below 1e-30 the float sum may have lost members to
+    // underflow: those entries take the exact logsumexp over members instead.
+    const V tiny = Ops::set1(T(1e-30));
+    bool any_tiny = false;
+    for_chunks<W>(n, [&](int64_t i, auto tail) REUSE_AI {
+      using Tl = decltype(tail);
+      const V u = vload<Ops, Tl>(y + i, n - i, 1);
+      const V big = Ops::gt(u, tiny);
+      any_tiny |= !Ops::all(big);
+      vstore<Ops, Tl>(y + i, Ops::select(big, Ops::log(Ops::max(u, tiny)), Ops::set1(-inf)), n - i);
+    });
+    if (any_tiny) {
+      for (int64_t i = 0; i < n; ++i) {
+        if (y[i] != -inf) continue;
+        T mx = -inf, sum = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          const T l = lse[k * P.rows + r];
+          if (P.wn[k] == 0 || l == -inf) continue;
+          mx = ScalarOps<T>::max(mx, T(P.log_wn[k]) + ScalarOps<T>::load(row_of(P, k, r) + i) - l);
+        }
+        if (mx == -inf) continue;  // every member gives this class probability 0
+        for (int64_t k = 0; k < K; ++k) {
+          const T l = lse[k * P.rows + r];
+          if (P.wn[k] == 0 || l == -inf) continue;
+          sum += std::exp(T(P.log_wn[k]) + ScalarOps<T>::load(row_of(P, k, r) + i) - l - mx);
+        }
+        y[i] = mx + std::log(sum);
       }
     }
-    for (int64_t i = 0; i < n; ++i) a[i] = a[i] == -inf ? -inf : a[i] + std::log(b[i]);
   }
 
   static void forward(const EnsembleParams& P, int64_t r0, int64_t r1) {
-    std::vector<T> a(P.C), b(P.C);
+    std::vector<T> a(P.C), b(P.K * P.C);
     for (int64_t r = r0; r < r1; ++r) {
       compute_row(P, r, a.data(), b.data(), /*write_lse=*/true);
       X* out = static_cast<X*>(P.out) + r * P.C;
@@ -117,7 +146,7 @@ struct EnsembleRows {
     const int64_t n = P.C, K = P.K;
     const T inf = std::numeric_limits<T>::infinity();
     const T* lse = static_cast<const T*>(P.lse);
-    std::vector<T> e(n), p(n), yb(n);
+    std::vector<T> e(n), p(n), yb(n), ey(n), scratch(sizeof(X) == sizeof(T) ? 0 : K * n);
     for (int64_t r = r0; r < r1; ++r) {
       const X* g = static_cast<const X*>(P.grad) + r * n;
       // y in the math dtype: the saved output when it is stored in it, else recomputed (a
@@ -125,9 +154,22 @@ struct EnsembleRows {
       if (sizeof(X) == sizeof(T)) {
         for (int64_t i = 0; i < n; i += W) st(yb.data(), i, n, ld(static_cast<const X*>(P.out) + r * n, i, n, 0));
       } else {
-        compute_row(P, r, yb.data(), e.data(), /*write_lse=*/false);
+        compute_row(P, r, yb.data(), scratch.data(), /*write_lse=*/false);
       }
       const T* y = yb.data();
+      // log_probs: where every finite y > -80, e_k = p_k exp(-y) takes one shared exp per entry
+      // instead of one per member (exp(80) is still far from overflow).
+      bool y_moderate = false;
+      if (P.mode == kLogProbsMode) {
+        T ymin = inf;
+        for (int64_t i = 0; i < n; ++i)
+          if (y[i] != -inf && y[i] < ymin) ymin = y[i];
+        y_moderate = ymin > T(-80);
+        if (y_moderate)
+          for (int64_t i = 0; i < n; i += W)
+            st(ey.data(), i, n, Ops::and_mask(Ops::gt(ld_acc(y, i, n), Ops::set1(-inf)),
+                                              Ops::exp(Ops::sub(Ops::set1(0), ld_acc(y, i, n)))));
+      }
       double* dw = P.dw_rows + r * K;
       for (int64_t k = 0; k < K; ++k) {
         const X* z = row_of(P, k, r);
@@ -166,10 +208,12 @@ struct EnsembleRows {
           const V c = Ops::set1(l == -inf ? T(0) : l), one = Ops::set1(1);
           for (int64_t i = 0; i < n; i += W) {
             const V x = l == -inf ? Ops::set1(-inf) : Ops::sub(ld(z, i, n, -inf), c);
-            const V vy = ld_acc(y, i, n);
-            const V ev = Ops::and_mask(Ops::gt(vy, Ops::set1(-inf)), Ops::exp(Ops::sub(x, vy)));
+            const V pv = Ops::exp(x);
+            const V ev = y_moderate ? Ops::mul(pv, ld_acc(ey.data(), i, n))
+                                    : Ops::and_mask(Ops::gt(ld_acc(y, i, n), Ops::set1(-inf)),
+                                                    Ops::exp(Ops::sub(x, ld_acc(y, i, n))));
             st(e.data(), i, n, ev);
-            st(p.data(), i, n, Ops::exp(x));
+            st(p.data(), i, n, pv);
             const V vg = ld(g, i, n, 0);
             ge = Ops::fma(vg, ev, ge);
             ge1 = Ops::fma(vg, Ops::sub(ev, one), ge1);  // <g, e_k - 1>, no cancellation

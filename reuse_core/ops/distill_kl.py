@@ -93,6 +93,8 @@ if _ext.available():
         ctx.save_for_backward(gs, gt)
         ctx.per_row = inputs[7] == 0
         ctx.mark_non_differentiable(gs, gt)
+        # Otherwise autograd fills a zero "gradient" for gs and gt: two logits-sized memsets.
+        ctx.set_materialize_grads(False)
 
     def _scaled(saved: torch.Tensor, grad_loss: torch.Tensor, per_row: bool) -> torch.Tensor:
         if per_row:

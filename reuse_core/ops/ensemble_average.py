@@ -98,9 +98,12 @@ if _ext.available():
         ctx.save_for_backward(weights, out, lse, *members)
         ctx.mode, ctx.stacked = mode, stacked
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
 
     def _backward(ctx, grad_out, _grad_lse):
         weights, out, lse, *members = ctx.saved_tensors
+        if grad_out is None:
+            return None, None, None, None
         d_members, d_weights = torch.ops.reuse_core.ensemble_average_backward(
             grad_out.contiguous(), members, weights, out, lse, ctx.mode, ctx.stacked
         )
