@@ -3,7 +3,10 @@
 CUDA kernels are compiled whenever torch was built with CUDA and nvcc is found, GPU or not.
 Environment knobs: REUSE_CORE_NO_CUDA=1 (CPU only), TORCH_CUDA_ARCH_LIST (default "8.0;9.0"
 when no GPU is visible), CUDA_HOME (default: /usr/local/cuda, else the folder above nvcc's bin/),
-MAX_JOBS (default: the CPU count).
+MAX_JOBS (default: the CPU count). REUSE_CORE_SKIP_EXT=1 installs the package without
+building the extension: the Makefile uses it for the editable install and then builds the
+extension in place with `setup.py build_ext --inplace`, which keeps build/ for ninja, so a
+change to one kernel recompiles one file.
 """
 import glob
 import os
@@ -82,4 +85,8 @@ print(
     file=sys.stderr,
 )
 
-setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})
+if os.environ.get("REUSE_CORE_SKIP_EXT", "0") in ("1", "true", "yes"):
+    print("reuse-core: REUSE_CORE_SKIP_EXT set, not building reuse_core._C", file=sys.stderr)
+    setup()
+else:
+    setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension})

@@ -26,7 +26,7 @@ TORCH_LIBRARY(reuse_core, m) {
       "float ce_weight, int ignore_index, int reduction, bool grad_student, bool grad_teacher) "
       "-> (Tensor, Tensor, Tensor)");
   // Members: K tensors (..., C), or one stacked (K, ..., C) when stacked. Returns the output and
-  // the per-member, per-row logsumexp (float32/float64) that the backward reuses.
+  // (2, K, rows): each member row's max and log sum exp(z - max) (float32/float64) for the backward.
   m.def("ensemble_average(Tensor[] members, Tensor weights, int mode, bool stacked) -> (Tensor, Tensor)");
   m.def(
       "ensemble_average_backward(Tensor grad, Tensor[] members, Tensor weights, Tensor out, Tensor lse, "

@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace reuse_core {
 namespace cuda {
@@ -23,17 +24,21 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-// Loads VEC consecutive elements as floats. VEC = 4 needs p aligned to 4 elements.
+// Loads VEC consecutive elements as floats, in 16-byte (or 8-byte) accesses when VEC elements
+// fill them; p must then be aligned to VEC elements.
 template <int VEC, typename X>
 __device__ __forceinline__ void load_vec(const X* p, float (&out)[VEC]) {
-  if constexpr (VEC == 4 && sizeof(X) == 4) {
-    const float4 v = *reinterpret_cast<const float4*>(p);
-    out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
-  } else if constexpr (VEC == 4 && sizeof(X) == 2) {
-    union { uint2 u; X h[4]; } v;
-    v.u = *reinterpret_cast<const uint2*>(p);
+  constexpr int bytes = VEC * int(sizeof(X));
+  if constexpr (bytes % 16 == 0 || bytes == 8) {
+    using W = typename std::conditional<bytes % 16 == 0, uint4, uint2>::type;
+    constexpr int per = int(sizeof(W) / sizeof(X));
 #pragma unroll
-    for (int j = 0; j < 4; ++j) out[j] = to_float(v.h[j]);
+    for (int c = 0; c < VEC / per; ++c) {
+      union { W w; X x[per]; } u;
+      u.w = reinterpret_cast<const W*>(p)[c];
+#pragma unroll
+      for (int j = 0; j < per; ++j) out[c * per + j] = to_float(u.x[j]);
+    }
   } else {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) out[j] = to_float(p[j]);
@@ -42,13 +47,17 @@ __device__ __forceinline__ void load_vec(const X* p, float (&out)[VEC]) {
 
 template <int VEC, typename X>
 __device__ __forceinline__ void store_vec(X* p, const float (&in)[VEC]) {
-  if constexpr (VEC == 4 && sizeof(X) == 4) {
-    *reinterpret_cast<float4*>(p) = make_float4(in[0], in[1], in[2], in[3]);
-  } else if constexpr (VEC == 4 && sizeof(X) == 2) {
-    union { uint2 u; X h[4]; } v;
+  constexpr int bytes = VEC * int(sizeof(X));
+  if constexpr (bytes % 16 == 0 || bytes == 8) {
+    using W = typename std::conditional<bytes % 16 == 0, uint4, uint2>::type;
+    constexpr int per = int(sizeof(W) / sizeof(X));
 #pragma unroll
-    for (int j = 0; j < 4; ++j) v.h[j] = from_float<X>(in[j]);
-    *reinterpret_cast<uint2*>(p) = v.u;
+    for (int c = 0; c < VEC / per; ++c) {
+      union { W w; X x[per]; } u;
+#pragma unroll
+      for (int j = 0; j < per; ++j) u.x[j] = from_float<X>(in[c * per + j]);
+      reinterpret_cast<W*>(p)[c] = u.w;
+    }
   } else {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) p[j] = from_float<X>(in[j]);
@@ -90,6 +99,29 @@ __device__ __forceinline__ float block_max(float v, float* smem) {
   __syncthreads();
   return v;
 }
+
+// A row is worked on by one warp (kWarp, rows up to kWarpRowMax elements: no block barriers,
+// several rows per block) or by a whole block (long rows).
+constexpr int64_t kWarpRowMax = 4096;
+constexpr int kWarpsPerBlock = 8;
+
+template <bool kWarp>
+struct RowGroup {
+  __device__ __forceinline__ int rank() const { return kWarp ? int(threadIdx.x & 31) : int(threadIdx.x); }
+  __device__ __forceinline__ int size() const { return kWarp ? 32 : int(blockDim.x); }
+  __device__ __forceinline__ int slot() const { return kWarp ? int(threadIdx.x >> 5) : 0; }
+  __device__ __forceinline__ int64_t first_row() const {
+    return kWarp ? int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5) : int64_t(blockIdx.x);
+  }
+  __device__ __forceinline__ int64_t row_stride() const {
+    return kWarp ? int64_t(gridDim.x) * (blockDim.x >> 5) : int64_t(gridDim.x);
+  }
+  __device__ __forceinline__ float sum(float v, float* smem) const { return kWarp ? warp_sum(v) : block_sum(v, smem); }
+  __device__ __forceinline__ float max(float v, float* smem) const { return kWarp ? warp_max(v) : block_max(v, smem); }
+  __device__ __forceinline__ void sync() const {
+    if (kWarp) __syncwarp(); else __syncthreads();
+  }
+};
 
 // Threads per row-block: enough for VEC-wide chunks of the row, 128..1024, a multiple of 32.
 inline int row_block_threads(int64_t cols, int vec) {

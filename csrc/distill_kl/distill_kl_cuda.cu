@@ -1,8 +1,8 @@
 // CUDA distill_kl: one block per row. Pass 1 keeps per-thread online maxima and sums of
 // exponentials, combined across the block; pass 2 re-reads the row and writes the student
 // gradient while summing the KL term; pass 3 (teacher gradient) only for mutual learning.
-// Rows are read with blocks of up to 1024 threads, so about one row per SM is in flight and
-// the re-reads of passes 2-3 come from L2, not HBM.
+// Long rows are read by blocks of up to 1024 threads, so few rows are in flight per SM and the
+// re-reads of passes 2-3 come from L2, not HBM; rows up to 4096 classes get one warp each.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -29,24 +29,26 @@ struct KLArgs {
   float inv_T, T, kd, ce;
 };
 
-template <typename S, typename Tt, int VEC>
+template <typename S, typename Tt, int VEC, bool kWarp>
 __global__ void distill_kl_kernel(KLArgs a) {
   __shared__ float smem[32];
+  const RowGroup<kWarp> grp;
   const int64_t n = a.vocab;
   const float inv_T = a.inv_T;
   const bool use_ce_global = a.ce != 0.f && a.labels != nullptr;
-  for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
+  const int64_t i0 = int64_t(grp.rank()) * VEC, step = int64_t(grp.size()) * VEC;
+  for (int64_t r = grp.first_row(); r < a.rows; r += grp.row_stride()) {
     const S* s = static_cast<const S*>(a.student) + r * n;
     const Tt* t = static_cast<const Tt*>(a.teacher) + r * n;
     S* gs = a.grad_student ? static_cast<S*>(a.grad_student) + r * n : nullptr;
     Tt* gt = a.grad_teacher ? static_cast<Tt*>(a.grad_teacher) + r * n : nullptr;
     const int64_t label = a.labels ? a.labels[r] : -1;
     if (a.labels && label == a.ignore_index) {
-      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      for (int64_t i = grp.rank(); i < n; i += grp.size()) {
         if (gs) gs[i] = from_float<S>(0.f);
         if (gt) gt[i] = from_float<Tt>(0.f);
       }
-      if (threadIdx.x == 0) a.loss_rows[r] = 0.f;
+      if (grp.rank() == 0) a.loss_rows[r] = 0.f;
       continue;
     }
     CUDA_KERNEL_ASSERT((!a.labels || (label >= 0 && label < n)) && "distill_kl: label out of range");
@@ -54,7 +56,8 @@ __global__ void distill_kl_kernel(KLArgs a) {
 
     // Pass 1: per-thread online maxima and sums, rescaled only when the maximum grows.
     float ms = -INFINITY, ss = 0.f, sc = 0.f, mt = -INFINITY, st = 0.f;
-    for (int64_t i = int64_t(threadIdx.x) * VEC; i < n; i += int64_t(blockDim.x) * VEC) {
+#pragma unroll 2
+    for (int64_t i = i0; i < n; i += step) {
       float xs[VEC], xt[VEC];
       load_vec<VEC>(s + i, xs);
       load_vec<VEC>(t + i, xt);
@@ -77,11 +80,11 @@ __global__ void distill_kl_kernel(KLArgs a) {
         if (xt[j] > -INFINITY) st += __expf((xt[j] - mt) * inv_T);
       }
     }
-    const float Ms = block_max(ms, smem), Mt = block_max(mt, smem);
+    const float Ms = grp.max(ms, smem), Mt = grp.max(mt, smem);
     const float fs = ms > -INFINITY ? __expf((ms - Ms) * inv_T) : 0.f;
     const float ft = mt > -INFINITY ? __expf((mt - Mt) * inv_T) : 0.f;
-    const float Ss = block_sum(ss * fs, smem), St = block_sum(st * ft, smem);
-    const float Sc = use_ce ? block_sum(ms > -INFINITY ? sc * __expf(ms - Ms) : 0.f, smem) : 0.f;
+    const float Ss = grp.sum(ss * fs, smem), St = grp.sum(st * ft, smem);
+    const float Sc = use_ce ? grp.sum(ms > -INFINITY ? sc * __expf(ms - Ms) : 0.f, smem) : 0.f;
     const float cs = Ms > -INFINITY ? Ms : 0.f, ct = Mt > -INFINITY ? Mt : 0.f;
     const float inv_Ss = Ss > 0.f ? 1.f / Ss : 0.f, inv_St = St > 0.f ? 1.f / St : 0.f;
     const float inv_Sc = Sc > 0.f ? 1.f / Sc : 0.f;
@@ -91,7 +94,8 @@ __global__ void distill_kl_kernel(KLArgs a) {
 
     // Pass 2: student gradient and sum_v p_v (b_v - a_v).
     float kl = 0.f;
-    for (int64_t i = int64_t(threadIdx.x) * VEC; i < n; i += int64_t(blockDim.x) * VEC) {
+#pragma unroll 2
+    for (int64_t i = i0; i < n; i += step) {
       float xs[VEC], xt[VEC], g[VEC];
       load_vec<VEC>(s + i, xs);
       load_vec<VEC>(t + i, xt);
@@ -105,9 +109,9 @@ __global__ void distill_kl_kernel(KLArgs a) {
       }
       if (gs) store_vec<VEC>(gs + i, g);
     }
-    const float e_p = block_sum(kl, smem);
+    const float e_p = grp.sum(kl, smem);
     const bool kl_infinite = use_kd && (!(Ss > 0.f) || e_p == INFINITY);
-    if (threadIdx.x == 0) {
+    if (grp.rank() == 0) {
       float loss = 0.f;
       if (use_kd) loss += a.kd * a.T * a.T * (kl_infinite ? INFINITY : e_p - __logf(St) + __logf(Ss));
       if (use_ce) loss += a.ce * (Sc > 0.f ? __logf(Sc) + cs - to_float(s[label]) : INFINITY);
@@ -117,7 +121,8 @@ __global__ void distill_kl_kernel(KLArgs a) {
     // Pass 3 (mutual learning): dL/dt = kd T p ((b - a) - E_p[b - a]); 0 where KL is infinite.
     if (gt) {
       const bool zero = !use_kd || kl_infinite;
-      for (int64_t i = int64_t(threadIdx.x) * VEC; i < n; i += int64_t(blockDim.x) * VEC) {
+  #pragma unroll 2
+    for (int64_t i = i0; i < n; i += step) {
         float xs[VEC], xt[VEC], g[VEC];
         load_vec<VEC>(s + i, xs);
         load_vec<VEC>(t + i, xt);
@@ -130,21 +135,38 @@ __global__ void distill_kl_kernel(KLArgs a) {
         store_vec<VEC>(gt + i, g);
       }
     }
-    __syncthreads();  // smem reuse by the next row
+    grp.sync();  // smem reuse by the next row
   }
 }
 
-template <typename S, typename Tt>
-void launch(const KLArgs& a, bool vec4, cudaStream_t stream) {
-  const int vec = vec4 ? 4 : 1;
-  const int threads = row_block_threads(a.vocab, vec);
-  const int64_t blocks = a.rows < 65535 * 8 ? a.rows : 65535 * 8;
-  if (blocks == 0) return;
-  if (vec4)
-    distill_kl_kernel<S, Tt, 4><<<blocks, threads, 0, stream>>>(a);
-  else
-    distill_kl_kernel<S, Tt, 1><<<blocks, threads, 0, stream>>>(a);
+template <typename S, typename Tt, int VEC>
+void launch(const KLArgs& a, cudaStream_t stream) {
+  if (a.rows == 0) return;
+  const int64_t max_blocks = 65535 * 8;
+  if (a.vocab <= kWarpRowMax) {  // a warp per row, several rows per block
+    const int64_t blocks = (a.rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+    distill_kl_kernel<S, Tt, VEC, true><<<blocks < max_blocks ? blocks : max_blocks, 32 * kWarpsPerBlock, 0, stream>>>(a);
+  } else {
+    const int threads = row_block_threads(a.vocab, VEC);
+    distill_kl_kernel<S, Tt, VEC, false><<<a.rows < max_blocks ? a.rows : max_blocks, threads, 0, stream>>>(a);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The widest vector both inputs (and the gradients written) allow: 8 for two 16-bit dtypes
+// (16-byte loads), 4 with float32, else 1.
+template <typename S, typename Tt>
+void launch_widest(const KLArgs& a, cudaStream_t stream) {
+  auto fits = [&](int vec) {
+    return a.vocab % vec == 0 && aligned_to<S>(a.student, vec) && aligned_to<Tt>(a.teacher, vec) &&
+           (!a.grad_student || aligned_to<S>(a.grad_student, vec)) &&
+           (!a.grad_teacher || aligned_to<Tt>(a.grad_teacher, vec));
+  };
+  if constexpr (sizeof(S) == 2 && sizeof(Tt) == 2) {
+    if (fits(8)) return launch<S, Tt, 8>(a, stream);
+  }
+  if (fits(4)) return launch<S, Tt, 4>(a, stream);
+  launch<S, Tt, 1>(a, stream);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_kl_cuda(
@@ -188,12 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_kl_cuda(
   const auto stream = c10::cuda::getCurrentCUDAStream();
   visit_cuda_dtype(s.scalar_type(), "student_logits", [&](auto s_tag) {
     visit_cuda_dtype(t.scalar_type(), "teacher_logits", [&](auto t_tag) {
-      using S = decltype(s_tag);
-      using Tt = decltype(t_tag);
-      const bool vec4 = V % 4 == 0 && aligned_to<S>(a.student, 4) && aligned_to<Tt>(a.teacher, 4) &&
-                        (!grad_student || aligned_to<S>(a.grad_student, 4)) &&
-                        (!grad_teacher || aligned_to<Tt>(a.grad_teacher, 4));
-      launch<S, Tt>(a, vec4, stream);
+      launch_widest<decltype(s_tag), decltype(t_tag)>(a, stream);
     });
   });
 

@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_average_cpu(at::TensorList members, 
   const auto& m0 = S.members[0];
   const auto acc = m0.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto out = empty_cpu_output(shape, m0.scalar_type());
-  auto lse = at::empty({S.P.K, S.P.rows}, m0.options().dtype(acc));
+  auto lse = at::empty({2, S.P.K, S.P.rows}, m0.options().dtype(acc));
   S.P.out = out.data_ptr();
   S.P.lse = lse.data_ptr();
   run_rows(S.P, /*backward=*/false);

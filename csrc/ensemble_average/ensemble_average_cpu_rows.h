@@ -19,7 +19,10 @@ struct EnsembleParams {
   const double* log_wn;           // log(wn), -inf for a zero weight
   double inv_wsum;                // 1 / sum(w)
   void* out;                      // (rows, C)
-  void* lse;                      // (K, rows), float (double for float64)
+  // (2, K, rows), float (double for float64): each member row's max and log of its sum of
+  // exp(z - max). Kept apart, not as max + log(sum): that sum rounds to the max's ulp, which
+  // at logits of 1e4 costs 1e-3 relative in every exp(z - lse).
+  void* lse;
   // backward only
   const void* grad;               // (rows, C)
   void* const* grad_members;      // K blocks
@@ -45,14 +48,14 @@ struct EnsembleRows {
     return static_cast<const X*>(P.members[k]) + r * P.C;
   }
 
-  // Writes e = exp(z - max z) to `e`, max z to `m`, and returns logsumexp(z) (-inf for a row
-  // of -inf).
-  static T row_exp_lse(const X* z, int64_t n, T* e, T& m) {
+  // Writes e = exp(z - max z) to `e`, max z to `m`, and returns log(sum(e)) (for a row of
+  // -inf: m = -inf, and 0 is returned).
+  static T row_exp_logsum(const X* z, int64_t n, T* e, T& m) {
     const T inf = std::numeric_limits<T>::infinity();
     V vm = Ops::set1(-inf);
     for_chunks<W>(n, [&](int64_t i, auto tail) REUSE_AI { vm = Ops::max(vm, vload<Ops, decltype(tail)>(z + i, n - i, -inf)); });
     m = Ops::reduce_max(vm);
-    if (m == -inf) return -inf;
+    if (m == -inf) return 0;
     const V c = Ops::set1(m);
     V acc = Ops::set1(0);
     for_chunks<W>(n, [&](int64_t i, auto tail) REUSE_AI {
@@ -61,7 +64,7 @@ struct EnsembleRows {
       acc = Ops::add(acc, x);
       vstore<Ops, Tl>(e + i, x, n - i);
     });
-    return m + std::log(Ops::reduce_add(acc));
+    return std::log(Ops::reduce_add(acc));
   }
 
   // The output row r into y[0..C) in the math dtype. `e` is scratch for K rows. Writes the
@@ -69,13 +72,14 @@ struct EnsembleRows {
   static void compute_row(const EnsembleParams& P, int64_t r, T* y, T* e, bool write_lse) {
     const int64_t n = P.C, K = P.K;
     const T inf = std::numeric_limits<T>::infinity();
-    T* lse = static_cast<T*>(P.lse);
+    T* lse_m = static_cast<T*>(P.lse);
+    T* lse_s = lse_m + K * P.rows;
     for_chunks<W>(n, [&](int64_t i, auto tail) REUSE_AI { vstore<Ops, decltype(tail)>(y + i, Ops::set1(0), n - i); });
     for (int64_t k = 0; k < K; ++k) {
       const X* z = row_of(P, k, r);
       T* ek = e + k * n;
       if (P.mode == kLogitsMode) {
-        if (write_lse) lse[k * P.rows + r] = 0;
+        if (write_lse) lse_m[k * P.rows + r] = lse_s[k * P.rows + r] = 0;
         if (P.wn[k] == 0) continue;  // skip, rather than 0 * (-inf)
         const V w = Ops::set1(T(P.wn[k]));
         for_chunks<W>(n, [&](int64_t i, auto tail) REUSE_AI {
@@ -87,11 +91,13 @@ struct EnsembleRows {
       // One exp per member element: y accumulates w_k e_k / sum(e_k), e_k = exp(z_k - max z_k).
       if (!write_lse && P.wn[k] == 0) continue;
       T m;
-      const T l = row_exp_lse(z, n, ek, m);
-      if (write_lse) lse[k * P.rows + r] = l;
-      if (P.wn[k] == 0 || l == -inf) continue;
-      // e_k was taken relative to the row max m: w e / sum(e) = w e exp(m - lse).
-      const V w = Ops::set1(T(P.wn[k]) * std::exp(m - l));
+      const T ls = row_exp_logsum(z, n, ek, m);
+      if (write_lse) {
+        lse_m[k * P.rows + r] = m;
+        lse_s[k * P.rows + r] = ls;
+      }
+      if (P.wn[k] == 0 || m == -inf) continue;
+      const V w = Ops::set1(T(P.wn[k]) * std::exp(-ls));  // w e / sum(e)
       for_chunks<W>(n, [&](int64_t i, auto tail) REUSE_AI {
         using Tl = decltype(tail);
         vstore<Ops, Tl>(y + i, Ops::fma(w, vload<Ops, Tl>(ek + i, n - i, 0), vload<Ops, Tl>(y + i, n - i, 0)), n - i);
@@ -114,15 +120,17 @@ struct EnsembleRows {
         if (y[i] != -inf) continue;
         T mx = -inf, sum = 0;
         for (int64_t k = 0; k < K; ++k) {
-          const T l = lse[k * P.rows + r];
-          if (P.wn[k] == 0 || l == -inf) continue;
-          mx = ScalarOps<T>::max(mx, T(P.log_wn[k]) + ScalarOps<T>::load(row_of(P, k, r) + i) - l);
+          const T m = lse_m[k * P.rows + r];
+          if (P.wn[k] == 0 || m == -inf) continue;
+          const T lp = (ScalarOps<T>::load(row_of(P, k, r) + i) - m) - lse_s[k * P.rows + r];
+          mx = ScalarOps<T>::max(mx, T(P.log_wn[k]) + lp);
         }
         if (mx == -inf) continue;  // every member gives this class probability 0
         for (int64_t k = 0; k < K; ++k) {
-          const T l = lse[k * P.rows + r];
-          if (P.wn[k] == 0 || l == -inf) continue;
-          sum += std::exp(T(P.log_wn[k]) + ScalarOps<T>::load(row_of(P, k, r) + i) - l - mx);
+          const T m = lse_m[k * P.rows + r];
+          if (P.wn[k] == 0 || m == -inf) continue;
+          const T lp = (ScalarOps<T>::load(row_of(P, k, r) + i) - m) - lse_s[k * P.rows + r];
+          sum += std::exp(T(P.log_wn[k]) + lp - mx);
         }
         y[i] = mx + std::log(sum);
       }
@@ -142,10 +150,29 @@ struct EnsembleRows {
     return i + W > n ? Ops::load_tail(p + i, n - i, T(0)) : Ops::load(p + i);
   }
 
+  // log_probs: p_k / sum_j w_j p_j at class i, each p_j = exp(lp_j) taken relative to the
+  // largest lp_j so nothing rounds at the scale of lp itself.
+  static T exact_share(const EnsembleParams& P, int64_t r, int64_t k, int64_t i, const T* lse_m, const T* lse_s) {
+    const T inf = std::numeric_limits<T>::infinity();
+    auto lp = [&](int64_t j) {
+      const T m = lse_m[j * P.rows + r];
+      return m == -inf ? -inf : (ScalarOps<T>::load(row_of(P, j, r) + i) - m) - lse_s[j * P.rows + r];
+    };
+    T sh = -inf;
+    for (int64_t j = 0; j < P.K; ++j)
+      if (P.wn[j] > 0) sh = ScalarOps<T>::max(sh, lp(j));
+    if (sh == -inf) return 0;
+    T acc = 0;
+    for (int64_t j = 0; j < P.K; ++j)
+      if (P.wn[j] > 0) acc += T(P.wn[j]) * std::exp(lp(j) - sh);
+    return std::exp(lp(k) - sh) / acc;
+  }
+
   static void backward(const EnsembleParams& P, int64_t r0, int64_t r1) {
     const int64_t n = P.C, K = P.K;
     const T inf = std::numeric_limits<T>::infinity();
-    const T* lse = static_cast<const T*>(P.lse);
+    const T* lse_m = static_cast<const T*>(P.lse);
+    const T* lse_s = lse_m + K * P.rows;
     std::vector<T> e(n), p(n), yb(n), ey(n), scratch(sizeof(X) == sizeof(T) ? 0 : K * n);
     for (int64_t r = r0; r < r1; ++r) {
       const X* g = static_cast<const X*>(P.grad) + r * n;
@@ -174,23 +201,26 @@ struct EnsembleRows {
       for (int64_t k = 0; k < K; ++k) {
         const X* z = row_of(P, k, r);
         X* dz = static_cast<X*>(P.grad_members[k]) + r * n;
-        const T wk = T(P.wn[k]), l = lse[k * P.rows + r];
+        const T wk = T(P.wn[k]), m = lse_m[k * P.rows + r], ls = lse_s[k * P.rows + r];
+        const bool empty = m == -inf;  // a member row of -inf: p_k = 0
         if (P.mode == kLogitsMode) {
-          // dz_k = w_k g; dw_k = <g, z_k - y> / sum(w), skipping inf - inf entries.
+          // dz_k = w_k g; dw_k = <g, z_k - y> / sum(w), skipping NaN terms (0 * inf, inf - inf).
           V gz = Ops::set1(0);
           const V vw = Ops::set1(wk);
           for (int64_t i = 0; i < n; i += W) {
-            const V vg = ld(g, i, n, 0), d = Ops::sub(ld(z, i, n, 0), ld_acc(y, i, n));
-            gz = Ops::add(gz, Ops::and_mask(Ops::gt(Ops::mul(d, d), Ops::set1(-1)), Ops::mul(vg, d)));
+            const V vg = ld(g, i, n, 0);
+            const V t = Ops::mul(vg, Ops::sub(ld(z, i, n, 0), ld_acc(y, i, n)));
+            // drop NaN terms (0 * inf, inf - inf: a -inf logit), keep +-inf ones: t*t > -1.
+            gz = Ops::add(gz, Ops::and_mask(Ops::gt(Ops::mul(t, t), Ops::set1(-1)), t));
             st(dz, i, n, Ops::mul(vw, vg));
           }
           dw[k] = double(Ops::reduce_add(gz)) * P.inv_wsum;
         } else if (P.mode == kProbsMode) {
           // p_k = softmax(z_k); dz_k = w_k p_k (g - <g, p_k>); dw_k = <g, p_k - y> / sum(w).
           V gp = Ops::set1(0), gpy = Ops::set1(0);
-          const V c = Ops::set1(l == -inf ? T(0) : l);
+          const V cm = Ops::set1(empty ? T(0) : m), cs = Ops::set1(ls);
           for (int64_t i = 0; i < n; i += W) {
-            const V pv = l == -inf ? Ops::set1(0) : Ops::exp(Ops::sub(ld(z, i, n, -inf), c));
+            const V pv = empty ? Ops::set1(0) : Ops::exp(Ops::sub(Ops::sub(ld(z, i, n, -inf), cm), cs));
             st(p.data(), i, n, pv);
             const V vg = ld(g, i, n, 0);
             gp = Ops::fma(vg, pv, gp);
@@ -204,17 +234,25 @@ struct EnsembleRows {
         } else {
           // e_k = p_k / exp(y) (0 where y = -inf), r_k = w_k e_k;
           // dz_k = r_k g - p_k <r_k, g>; dw_k = <g, e_k - 1> / sum(w).
-          V ge = Ops::set1(0), ge1 = Ops::set1(0);
-          const V c = Ops::set1(l == -inf ? T(0) : l), one = Ops::set1(1);
+          const V cm = Ops::set1(empty ? T(0) : m), cs = Ops::set1(ls), one = Ops::set1(1);
           for (int64_t i = 0; i < n; i += W) {
-            const V x = l == -inf ? Ops::set1(-inf) : Ops::sub(ld(z, i, n, -inf), c);
+            const V x = empty ? Ops::set1(-inf) : Ops::sub(Ops::sub(ld(z, i, n, -inf), cm), cs);
             const V pv = Ops::exp(x);
             const V ev = y_moderate ? Ops::mul(pv, ld_acc(ey.data(), i, n))
                                     : Ops::and_mask(Ops::gt(ld_acc(y, i, n), Ops::set1(-inf)),
                                                     Ops::exp(Ops::sub(x, ld_acc(y, i, n))));
             st(e.data(), i, n, ev);
             st(p.data(), i, n, pv);
-            const V vg = ld(g, i, n, 0);
+          }
+          if (!y_moderate) {
+            // Where y < -80 it carries the rounding of a large number (ulp(2e4) = 2e-3), and
+            // exp(lp - y) with it: take e_k = p_k / sum_j w_j p_j relative to the largest lp_j.
+            for (int64_t i = 0; i < n; ++i)
+              if (y[i] < T(-80) && y[i] != -inf) e[i] = exact_share(P, r, k, i, lse_m, lse_s);
+          }
+          V ge = Ops::set1(0), ge1 = Ops::set1(0);
+          for (int64_t i = 0; i < n; i += W) {
+            const V vg = ld(g, i, n, 0), ev = ld_acc(e.data(), i, n);
             ge = Ops::fma(vg, ev, ge);
             ge1 = Ops::fma(vg, Ops::sub(ev, one), ge1);  // <g, e_k - 1>, no cancellation
           }

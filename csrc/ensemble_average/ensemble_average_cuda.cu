@@ -1,4 +1,4 @@
-// CUDA ensemble_average: one block per row. Forward: each member's logsumexp by a block
+// CUDA ensemble_average: one warp per row (up to 4096 classes) or one block per row. Forward: each member's logsumexp by a block
 // reduction, then one sweep over the classes that combines the K members. Backward: per member
 // a reduction (<g, p_k> and friends) and a sweep that writes the member's gradient; the
 // weights' gradient is written per row and summed over rows by the host-side glue.
@@ -21,13 +21,14 @@ constexpr int kMaxListMembers = 64;  // more members in a list are stacked first
 struct EnsArgs {
   const void* members[kMaxListMembers];
   void* grads[kMaxListMembers];
-  const void* stacked;  // non-null: member k starts at stacked + k * rows * C
+  bool is_stacked;      // member k starts at stacked + k * rows * C (else members[k])
+  const void* stacked;
   void* grad_stacked;
   const float* weights;  // (K,), raw (not normalised)
   int64_t K, C, rows;
   int mode;
   void* out;          // forward: (rows, C) in Y
-  float* lse;         // (K, rows)
+  float* lse;         // (2, K, rows): each member row's max and log sum exp(z - max)
   const void* grad;   // backward: (rows, C) in X
   const float* y;     // backward: the output in float32
   float* dw_rows;     // backward: (rows, K)
@@ -35,12 +36,12 @@ struct EnsArgs {
 
 template <typename X>
 __device__ __forceinline__ const X* member_row(const EnsArgs& a, int64_t k, int64_t r) {
-  const X* base = a.stacked ? static_cast<const X*>(a.stacked) + k * a.rows * a.C : static_cast<const X*>(a.members[k]);
+  const X* base = a.is_stacked ? static_cast<const X*>(a.stacked) + k * a.rows * a.C : static_cast<const X*>(a.members[k]);
   return base + r * a.C;
 }
 template <typename X>
 __device__ __forceinline__ X* grad_row(const EnsArgs& a, int64_t k, int64_t r) {
-  X* base = a.grad_stacked ? static_cast<X*>(a.grad_stacked) + k * a.rows * a.C : static_cast<X*>(a.grads[k]);
+  X* base = a.is_stacked ? static_cast<X*>(a.grad_stacked) + k * a.rows * a.C : static_cast<X*>(a.grads[k]);
   return base + r * a.C;
 }
 
@@ -55,11 +56,14 @@ __device__ __forceinline__ float weight_sum(const EnsArgs& a) {
   return sum;
 }
 
-// logsumexp of one member row over the block.
-template <typename X, int VEC>
-__device__ float row_lse(const X* z, int64_t n, float* smem) {
+// One member row's max M and log sum exp(z - M) over the row group (M = -inf, 0 for a row of
+// -inf). Kept apart rather than as M + log(sum), which would round to M's ulp.
+template <typename X, int VEC, bool kWarp>
+__device__ void row_max_logsum(const RowGroup<kWarp>& grp, const X* z, int64_t n, float* smem, float& M,
+                               float& LS) {
   float m = -INFINITY, s = 0.f;
-  for (int64_t i = int64_t(threadIdx.x) * VEC; i < n; i += int64_t(blockDim.x) * VEC) {
+#pragma unroll 2
+  for (int64_t i = int64_t(grp.rank()) * VEC; i < n; i += int64_t(grp.size()) * VEC) {
     float x[VEC];
     load_vec<VEC>(z + i, x);
 #pragma unroll
@@ -68,31 +72,39 @@ __device__ float row_lse(const X* z, int64_t n, float* smem) {
       if (x[j] > -INFINITY) s += __expf(x[j] - m);
     }
   }
-  const float M = block_max(m, smem);
-  const float S = block_sum(m > -INFINITY ? s * __expf(m - M) : 0.f, smem);
-  return M > -INFINITY ? M + __logf(S) : -INFINITY;
+  M = grp.max(m, smem);
+  const float S = grp.sum(m > -INFINITY ? s * __expf(m - M) : 0.f, smem);
+  LS = M > -INFINITY ? __logf(S) : 0.f;
 }
 
-template <typename X, typename Y, int VEC>
+template <typename X, typename Y, int VEC, bool kWarp>
 __global__ void ensemble_forward_kernel(EnsArgs a) {
-  extern __shared__ float lse_s[];  // K
+  extern __shared__ float lse_smem[];  // 2K per row group: (max, log sum) per member
   __shared__ float smem[32];
+  const RowGroup<kWarp> grp;
+  float* lse_s = lse_smem + grp.slot() * 2 * a.K;
   const float inv_wsum = 1.f / weight_sum(a);
   const int64_t n = a.C;
-  for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
+  for (int64_t r = grp.first_row(); r < a.rows; r += grp.row_stride()) {
     for (int64_t k = 0; k < a.K; ++k) {
-      const float l = a.mode == kLogits ? 0.f : row_lse<X, VEC>(member_row<X>(a, k, r), n, smem);
-      if (threadIdx.x == 0) { lse_s[k] = l; a.lse[k * a.rows + r] = l; }
+      float M = 0.f, LS = 0.f;
+      if (a.mode != kLogits) row_max_logsum<X, VEC>(grp, member_row<X>(a, k, r), n, smem, M, LS);
+      if (grp.rank() == 0) {
+        lse_s[2 * k] = M;
+        lse_s[2 * k + 1] = LS;
+        a.lse[k * a.rows + r] = M;
+        a.lse[(a.K + k) * a.rows + r] = LS;
+      }
     }
-    __syncthreads();
+    grp.sync();
     Y* out = static_cast<Y*>(a.out) + r * n;
-    for (int64_t i = int64_t(threadIdx.x) * VEC; i < n; i += int64_t(blockDim.x) * VEC) {
+    for (int64_t i = int64_t(grp.rank()) * VEC; i < n; i += int64_t(grp.size()) * VEC) {
       float acc[VEC], mx[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) { acc[j] = 0.f; mx[j] = -INFINITY; }
       for (int64_t k = 0; k < a.K; ++k) {
-        const float w = a.weights[k] * inv_wsum, l = lse_s[k];
-        if (w == 0.f || l == -INFINITY) continue;  // no contribution, no 0 * (-inf)
+        const float w = a.weights[k] * inv_wsum, M = lse_s[2 * k], LS = lse_s[2 * k + 1];
+        if (w == 0.f || M == -INFINITY) continue;  // no contribution, no 0 * (-inf)
         float z[VEC];
         load_vec<VEC>(member_row<X>(a, k, r) + i, z);
 #pragma unroll
@@ -100,9 +112,9 @@ __global__ void ensemble_forward_kernel(EnsArgs a) {
           if (a.mode == kLogits) {
             acc[j] += w * z[j];
           } else if (a.mode == kProbs) {
-            acc[j] += w * __expf(z[j] - l);
+            acc[j] += w * __expf((z[j] - M) - LS);
           } else {  // online logsumexp over members of log w + z - lse
-            const float x = __logf(w) + z[j] - l;
+            const float x = __logf(w) + ((z[j] - M) - LS);
             if (x > mx[j]) { acc[j] *= __expf(mx[j] - x); mx[j] = x; }
             if (x > -INFINITY) acc[j] += __expf(x - mx[j]);
           }
@@ -114,26 +126,48 @@ __global__ void ensemble_forward_kernel(EnsArgs a) {
       }
       store_vec<VEC>(out + i, acc);
     }
-    __syncthreads();
+    grp.sync();
   }
 }
 
-template <typename X, int VEC>
+// log_probs where y < -80: y carries the rounding of a large number (ulp(2e4) = 2e-3), and so
+// would exp(lp_k - y). Instead e_k = p_k / sum_j w_j p_j at class i, relative to the largest lp_j.
+template <typename X>
+__device__ float exact_share(const EnsArgs& a, int64_t r, int64_t k, int64_t i, float inv_wsum) {
+  auto lp = [&](int64_t j) {
+    const float M = a.lse[j * a.rows + r];
+    return M == -INFINITY ? -INFINITY : (to_float(member_row<X>(a, j, r)[i]) - M) - a.lse[(a.K + j) * a.rows + r];
+  };
+  float sh = -INFINITY;
+  for (int64_t j = 0; j < a.K; ++j)
+    if (a.weights[j] > 0.f) sh = fmaxf(sh, lp(j));
+  if (sh == -INFINITY) return 0.f;
+  float acc = 0.f;
+  for (int64_t j = 0; j < a.K; ++j)
+    if (a.weights[j] > 0.f) acc += a.weights[j] * inv_wsum * __expf(lp(j) - sh);
+  return __expf(lp(k) - sh) / acc;
+}
+
+template <typename X, int VEC, bool kWarp>
 __global__ void ensemble_backward_kernel(EnsArgs a) {
   __shared__ float smem[32];
+  const RowGroup<kWarp> grp;
   const float inv_wsum = 1.f / weight_sum(a);
   const int64_t n = a.C;
-  for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
+  const int64_t i0 = int64_t(grp.rank()) * VEC, step = int64_t(grp.size()) * VEC;
+  for (int64_t r = grp.first_row(); r < a.rows; r += grp.row_stride()) {
     const X* g = static_cast<const X*>(a.grad) + r * n;
     const float* y = a.y + r * n;
     for (int64_t k = 0; k < a.K; ++k) {
       const X* z = member_row<X>(a, k, r);
       X* dz = grad_row<X>(a, k, r);
-      const float w = a.weights[k] * inv_wsum, l = a.lse[k * a.rows + r];
+      const float w = a.weights[k] * inv_wsum, M = a.lse[k * a.rows + r], LS = a.lse[(a.K + k) * a.rows + r];
+      const bool empty = M == -INFINITY;  // a member row of -inf: p_k = 0
       // Pass A: the member's reductions. logits: <g, z - y>; probs: <g, p>, <g, p - y>;
       // log_probs: <g, e>, <g, e - 1> with e = p / exp(y) (0 where y = -inf).
       float r1 = 0.f, r2 = 0.f;
-      for (int64_t i = int64_t(threadIdx.x) * VEC; i < n; i += int64_t(blockDim.x) * VEC) {
+#pragma unroll 2
+      for (int64_t i = i0; i < n; i += step) {
         float zv[VEC], gv[VEC], yv[VEC];
         load_vec<VEC>(z + i, zv);
         load_vec<VEC>(g + i, gv);
@@ -141,24 +175,27 @@ __global__ void ensemble_backward_kernel(EnsArgs a) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           if (a.mode == kLogits) {
-            const float d = zv[j] - yv[j];
-            if (d == d) r2 += gv[j] * d;  // skip inf - inf
+            const float t = gv[j] * (zv[j] - yv[j]);
+            if (t == t) r2 += t;  // skip NaN terms: 0 * inf, inf - inf
           } else if (a.mode == kProbs) {
-            const float p = l == -INFINITY ? 0.f : __expf(zv[j] - l);
+            const float p = empty ? 0.f : __expf((zv[j] - M) - LS);
             r1 += gv[j] * p;
             r2 += gv[j] * (p - yv[j]);
           } else {
-            const float e = (l == -INFINITY || yv[j] == -INFINITY) ? 0.f : __expf(zv[j] - l - yv[j]);
+            const float e = (empty || yv[j] == -INFINITY) ? 0.f
+                            : yv[j] < -80.f ? exact_share<X>(a, r, k, i + j, inv_wsum)
+                                            : __expf(((zv[j] - M) - LS) - yv[j]);
             r1 += gv[j] * e;
             r2 += gv[j] * (e - 1.f);
           }
         }
       }
-      const float R1 = a.mode == kLogits ? 0.f : block_sum(r1, smem);
-      const float R2 = block_sum(r2, smem);
-      if (threadIdx.x == 0) a.dw_rows[r * a.K + k] = R2 * inv_wsum;
+      const float R1 = a.mode == kLogits ? 0.f : grp.sum(r1, smem);
+      const float R2 = grp.sum(r2, smem);
+      if (grp.rank() == 0) a.dw_rows[r * a.K + k] = R2 * inv_wsum;
       // Pass B: the member's gradient (0 for a zero weight).
-      for (int64_t i = int64_t(threadIdx.x) * VEC; i < n; i += int64_t(blockDim.x) * VEC) {
+#pragma unroll 2
+      for (int64_t i = i0; i < n; i += step) {
         float zv[VEC], gv[VEC], yv[VEC], d[VEC];
         load_vec<VEC>(z + i, zv);
         load_vec<VEC>(g + i, gv);
@@ -170,11 +207,14 @@ __global__ void ensemble_backward_kernel(EnsArgs a) {
           } else if (a.mode == kLogits) {
             d[j] = w * gv[j];
           } else if (a.mode == kProbs) {
-            const float p = l == -INFINITY ? 0.f : __expf(zv[j] - l);
+            const float p = empty ? 0.f : __expf((zv[j] - M) - LS);
             d[j] = w * p * (gv[j] - R1);
           } else {
-            const float p = l == -INFINITY ? 0.f : __expf(zv[j] - l);
-            const float e = (l == -INFINITY || yv[j] == -INFINITY) ? 0.f : __expf(zv[j] - l - yv[j]);
+            const float lp = (zv[j] - M) - LS;
+            const float p = empty ? 0.f : __expf(lp);
+            const float e = (empty || yv[j] == -INFINITY) ? 0.f
+                            : yv[j] < -80.f ? exact_share<X>(a, r, k, i + j, inv_wsum)
+                                            : __expf(lp - yv[j]);
             d[j] = w * (e * gv[j] - p * R1);
           }
         }
@@ -207,6 +247,7 @@ void setup(Setup& S, at::TensorList members, const at::Tensor& weights, int64_t 
   if (stacked || K > kMaxListMembers) {
     auto m = stacked ? members[0].contiguous() : at::stack(members).contiguous();
     S.keep.push_back(m);
+    a.is_stacked = true;
     a.stacked = m.data_ptr();
     S.vec4 = S.vec4 && reinterpret_cast<uintptr_t>(a.stacked) % (4 * m.element_size()) == 0;
   } else {
@@ -220,18 +261,36 @@ void setup(Setup& S, at::TensorList members, const at::Tensor& weights, int64_t 
   a.weights = S.keep.back().data_ptr<float>();
 }
 
-int64_t grid_for(int64_t rows) { return rows < 65535 * 8 ? rows : 65535 * 8; }
+// Grid and block for `rows` rows of C classes: a warp per row up to kWarpRowMax classes.
+struct Launch {
+  int64_t blocks;
+  int threads;
+  bool warp;
+};
+Launch launch_shape(int64_t rows, int64_t C, int vec) {
+  const int64_t max_blocks = 65535 * 8;
+  if (C <= kWarpRowMax) {
+    const int64_t b = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
+    return {b < max_blocks ? b : max_blocks, 32 * kWarpsPerBlock, true};
+  }
+  return {rows < max_blocks ? rows : max_blocks, row_block_threads(C, vec), false};
+}
 
 template <typename X, typename Y>
 void launch_forward(const EnsArgs& a, bool vec4, cudaStream_t stream) {
   if (a.rows == 0) return;
-  const int threads = row_block_threads(a.C, vec4 ? 4 : 1);
-  const size_t smem = a.K * sizeof(float);
-  TORCH_CHECK(smem <= 48 * 1024, "ensemble_average: at most 12288 members on CUDA");
-  if (vec4)
-    ensemble_forward_kernel<X, Y, 4><<<grid_for(a.rows), threads, smem, stream>>>(a);
+  const auto L = launch_shape(a.rows, a.C, vec4 ? 4 : 1);
+  const size_t smem = 2 * a.K * sizeof(float) * (L.warp ? kWarpsPerBlock : 1);
+  TORCH_CHECK(smem <= 48 * 1024, "ensemble_average: at most ", 48 * 1024 / sizeof(float) / 2 / kWarpsPerBlock,
+              " members on CUDA");
+  if (vec4 && L.warp)
+    ensemble_forward_kernel<X, Y, 4, true><<<L.blocks, L.threads, smem, stream>>>(a);
+  else if (vec4)
+    ensemble_forward_kernel<X, Y, 4, false><<<L.blocks, L.threads, smem, stream>>>(a);
+  else if (L.warp)
+    ensemble_forward_kernel<X, Y, 1, true><<<L.blocks, L.threads, smem, stream>>>(a);
   else
-    ensemble_forward_kernel<X, Y, 1><<<grid_for(a.rows), threads, smem, stream>>>(a);
+    ensemble_forward_kernel<X, Y, 1, false><<<L.blocks, L.threads, smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -242,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_average_cuda(at::TensorList members,
   setup(S, members, weights, mode, stacked);
   auto opts = members[0].options();
   auto out = at::empty(S.shape, opts);
-  auto lse = at::empty({S.a.K, S.a.rows}, opts.dtype(at::kFloat));
+  auto lse = at::empty({2, S.a.K, S.a.rows}, opts.dtype(at::kFloat));
   S.a.out = out.data_ptr();
   S.a.lse = lse.data_ptr<float>();
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -274,15 +333,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> ensemble_average_backward_cuda(
     y = at::empty(S.shape, opts.dtype(at::kFloat));
     EnsArgs f = a;
     f.out = y.data_ptr();
-    f.lse = at::empty({a.K, a.rows}, opts.dtype(at::kFloat)).data_ptr<float>();
+    f.lse = at::empty({2, a.K, a.rows}, opts.dtype(at::kFloat)).data_ptr<float>();
     visit_cuda_dtype(S.dtype, "member_logits", [&](auto tag) {
       using X = decltype(tag);
       launch_forward<X, float>(f, S.vec4, stream);
     });
   }
   std::vector<at::Tensor> grads;
-  if (a.stacked) {
-    grads.push_back(at::empty(stacked ? members[0].sizes() : at::IntArrayRef({a.K * a.rows * a.C}), opts));
+  if (a.is_stacked) {
+    grads.push_back(stacked ? at::empty(members[0].sizes(), opts) : at::empty({a.K * a.rows * a.C}, opts));
     a.grad_stacked = grads[0].data_ptr();
   } else {
     for (int64_t k = 0; k < a.K; ++k) {
@@ -296,17 +355,21 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> ensemble_average_backward_cuda(
   a.dw_rows = dw_rows.data_ptr<float>();
   if (a.rows > 0) {
     const bool vec4 = S.vec4 && reinterpret_cast<uintptr_t>(a.grad) % 16 == 0;
-    const int threads = row_block_threads(a.C, vec4 ? 4 : 1);
+    const auto L = launch_shape(a.rows, a.C, vec4 ? 4 : 1);
     visit_cuda_dtype(S.dtype, "member_logits", [&](auto tag) {
       using X = decltype(tag);
-      if (vec4)
-        ensemble_backward_kernel<X, 4><<<grid_for(a.rows), threads, 0, stream>>>(a);
+      if (vec4 && L.warp)
+        ensemble_backward_kernel<X, 4, true><<<L.blocks, L.threads, 0, stream>>>(a);
+      else if (vec4)
+        ensemble_backward_kernel<X, 4, false><<<L.blocks, L.threads, 0, stream>>>(a);
+      else if (L.warp)
+        ensemble_backward_kernel<X, 1, true><<<L.blocks, L.threads, 0, stream>>>(a);
       else
-        ensemble_backward_kernel<X, 1><<<grid_for(a.rows), threads, 0, stream>>>(a);
+        ensemble_backward_kernel<X, 1, false><<<L.blocks, L.threads, 0, stream>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  if (!stacked && a.stacked) {  // more members than a kernel argument holds: unstack
+  if (!stacked && a.is_stacked) {  // more members than a kernel argument holds: unstack
     auto all = grads[0].view({a.K, -1});
     std::vector<at::Tensor> split;
     for (int64_t k = 0; k < a.K; ++k) split.push_back(all[k].view(members[k].sizes()));

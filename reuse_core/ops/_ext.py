@@ -42,12 +42,16 @@ def has_kernel(op: str, backend: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"reuse_core::{op}", backend)
 
 
+# Fixed once the extension is loaded; a plain set keeps use_kernel traceable by torch.compile.
+_KERNELS = frozenset((op, b) for op in OPS for b in BACKENDS if has_kernel(op, b))
+
+
 def use_kernel(op: str, device: torch.device) -> bool:
     """Whether `op` on `device` runs the compiled kernel; warns once per (op, backend) if not."""
     backend = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else device.type
-    if has_kernel(op, backend):
+    if (op, backend) in _KERNELS:
         return True
-    if (op, backend) not in _warned:
+    if not torch.compiler.is_compiling() and (op, backend) not in _warned:
         _warned.add((op, backend))
         why = LOAD_ERROR or f"the extension was built without a {backend} kernel"
         warnings.warn(

@@ -101,12 +101,17 @@ if _ext.available():
             return saved * grad_loss.unsqueeze(-1).to(saved.dtype)
         # loss.backward() passes 1: hand out the saved gradient itself. Autograd never writes
         # into it (it clones before accumulating while we still hold it, e.g. retain_graph).
-        if not torch.compiler.is_compiling() and bool(grad_loss == 1):
+        # Only for a real tensor in eager mode: a traced one (torch.compile, opcheck) has no
+        # value to branch on. On CUDA the test costs one small device-to-host sync, far less
+        # than a logits-sized copy.
+        if type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling() and bool(grad_loss == 1):
             return saved
         return saved * grad_loss.to(saved.dtype)
 
     def _backward(ctx, grad_loss, _grad_gs, _grad_gt):
         gs, gt = ctx.saved_tensors
+        if grad_loss is None:  # the loss took no part in what is differentiated
+            return (None,) * 10
         d_student = _scaled(gs, grad_loss, ctx.per_row) if ctx.needs_input_grad[0] else None
         d_teacher = _scaled(gt, grad_loss, ctx.per_row) if ctx.needs_input_grad[1] else None
         return d_student, d_teacher, None, None, None, None, None, None, None, None

@@ -64,7 +64,9 @@ def ensemble_average(
         if weights.shape != (K,):
             raise ValueError(f"weights must have shape ({K},), one per member, got {tuple(weights.shape)}")
         _validate.same_device("weights", weights, "member_logits", first)
-        if weights.device.type == "cpu":  # on CUDA this would synchronise: a device assert instead
+        # On CUDA this would synchronise (a device assert checks instead); under torch.compile
+        # it would break the graph (the kernel checks instead).
+        if weights.device.type == "cpu" and not torch.compiler.is_compiling():
             if bool((weights < 0).any()) or bool(torch.isnan(weights).any()):
                 raise ValueError(f"weights must be non-negative, got {weights.tolist()}")
             if not bool(weights.sum() > 0):
@@ -86,7 +88,7 @@ if _ext.available():
         for d in shape[:-1]:
             rows *= d
         acc = torch.float64 if members[0].dtype == torch.float64 else torch.float32
-        return members[0].new_empty(shape), members[0].new_empty((K, rows), dtype=acc)
+        return members[0].new_empty(shape), members[0].new_empty((2, K, rows), dtype=acc)
 
     @torch.library.register_fake("reuse_core::ensemble_average_backward")
     def _ensemble_average_backward_fake(grad, members, weights, out, lse, mode, stacked):
@@ -102,8 +104,8 @@ if _ext.available():
 
     def _backward(ctx, grad_out, _grad_lse):
         weights, out, lse, *members = ctx.saved_tensors
-        if grad_out is None:
-            return None, None, None, None
+        if grad_out is None:  # the output took no part in the loss
+            return [None] * len(members), None, None, None
         d_members, d_weights = torch.ops.reuse_core.ensemble_average_backward(
             grad_out.contiguous(), members, weights, out, lse, ctx.mode, ctx.stacked
         )

@@ -70,11 +70,19 @@ def ensemble_average_reference(
     wn = (w / w.sum()).reshape((K,) + (1,) * (z.dim() - 1))
     zero = torch.zeros((), dtype=dt, device=z.device)
     if mode == "logits":
-        out = torch.where(wn > 0, wn * zf, zero).sum(0)
+        # A zero-weight member's -inf logits must not turn 0 * -inf into NaN; its finite logits
+        # stay, so the weight still gets its gradient <g, z_k - y> / sum(w).
+        out = (wn * torch.where((wn == 0) & torch.isinf(zf), zero, zf)).sum(0)
     elif mode == "probs":
         out = (wn * F.softmax(zf, dim=-1)).sum(0)
     elif mode == "log_probs":
-        out = torch.logsumexp(torch.log(wn) + F.log_softmax(zf, dim=-1), dim=0)
+        # log sum_k wn_k p_k, shifted by the largest log p_k of a positively weighted member
+        # (a constant for autograd) so nothing underflows, and without log(wn), whose gradient
+        # at wn = 0 would be inf * 0.
+        lp = F.log_softmax(zf, dim=-1)
+        m = torch.where(wn > 0, lp, -torch.inf).amax(0).detach()
+        m = torch.where(torch.isfinite(m), m, zero)
+        out = m + torch.log((wn * torch.exp(lp - m)).sum(0))
     else:
         raise ValueError(f"mode must be 'logits', 'probs' or 'log_probs', got {mode!r}")
     return out.to(out_dtype)

@@ -1,0 +1,35 @@
+# The two entry points named in the README: `make bench` (set up, then the main job) and
+# `make test` (set up, then the whole test suite). The first run creates .venv and builds the
+# extension; later runs reuse both and recompile only the kernels that changed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CUDA 13.0 builds that match this machine's nvcc; pip takes them from the local disk.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+EXT_SOURCES := $(shell find csrc -type f) setup.py
+
+.PHONY: setup bench test clean
+
+setup: $(VENV)/.ext-stamp
+
+$(VENV)/.deps-stamp: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PINS) setuptools wheel ninja
+	REUSE_CORE_SKIP_EXT=1 $(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+$(VENV)/.ext-stamp: $(VENV)/.deps-stamp $(EXT_SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+bench: setup
+	$(VENV)/bin/reuse bench
+
+test: setup
+	$(VENV)/bin/reuse doctor
+	$(PY) -m pytest -q tests
+	REUSE_BENCH_QUICK=1 $(PY) -m pytest -q benchmarks --benchmark-disable
+
+clean:
+	rm -rf build reuse_core/_C*.so $(VENV)/.ext-stamp
