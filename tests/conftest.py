@@ -8,6 +8,7 @@ Reproduce a failure with the seed it printed: ``REUSE_TEST_SEED=<seed> pytest ..
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 
@@ -129,61 +130,122 @@ def sum_scale(*factors: torch.Tensor) -> float:
     return float(prod.sum())
 
 
-def _finite_scale(ref: torch.Tensor) -> float:
-    fin = ref[torch.isfinite(ref)]
-    return float(fin.abs().max()) if fin.numel() else 0.0
+def _finite_scale(ref: torch.Tensor, fin: torch.Tensor | None = None) -> float:
+    fin = torch.isfinite(ref) if fin is None else fin
+    vals = ref[fin]
+    return float(vals.abs().max()) if vals.numel() else 0.0
+
+
+def _as_stored(ref64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float64 reference as a result of ``dtype`` can hold it (on the CPU, in float64):
+    values beyond the dtype's range are +-inf there, which is then the correctly rounded
+    result (a float16 loss of 8e5 is +inf in float16: it tops out at 65504)."""
+    r = ref64.detach().to(torch.float64).cpu()
+    if dtype == torch.float64 or not dtype.is_floating_point:
+        return r
+    overflow = torch.isfinite(r) & torch.isinf(r.to(dtype))
+    return torch.where(overflow, torch.sign(r) * math.inf, r)
 
 
 def check_special_values(actual: torch.Tensor, ref64: torch.Tensor, name: str) -> None:
-    """No NaN ever; finite exactly where the true value is finite; infinities match in sign."""
+    """No NaN ever; finite exactly where the true value is finite in the result's dtype (not
+    beyond its range); infinities match in sign."""
     assert actual.shape == ref64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}"
     a = actual.detach().to(torch.float64).cpu()
-    r = ref64.detach().to(torch.float64).cpu()
-    assert not torch.isnan(r).any(), f"{name}: the float64 reference itself has NaN (bad test input)"
+    assert not torch.isnan(ref64.detach().cpu()).any(), f"{name}: the float64 reference itself has NaN (bad test input)"
+    r = _as_stored(ref64, actual.dtype)
     nan = torch.isnan(a)
     assert not nan.any(), f"{name}: {int(nan.sum())} NaN value(s), first at {tuple(nan.nonzero()[0].tolist())}"
     fin = torch.isfinite(r)
     bad = fin & ~torch.isfinite(a)
-    assert not bad.any(), (f"{name}: {int(bad.sum())} value(s) not finite where the true value is finite, "
-                           f"first at {tuple(bad.nonzero()[0].tolist())}: got {a[bad][0].item()}, "
+    assert not bad.any(), (f"{name} ({actual.dtype}): {int(bad.sum())} value(s) not finite where the true value "
+                           f"is finite, first at {tuple(bad.nonzero()[0].tolist())}: got {a[bad][0].item()}, "
                            f"expected {r[bad][0].item()}")
     inf_wrong = ~fin & (a != r)
-    assert not inf_wrong.any(), (f"{name}: infinite true value(s) not matched, first at "
+    assert not inf_wrong.any(), (f"{name} ({actual.dtype}): {int(inf_wrong.sum())} infinite true value(s) "
+                                 f"(beyond the dtype's range included) not matched, first at "
                                  f"{tuple(inf_wrong.nonzero()[0].tolist())}: got {a[inf_wrong][0].item()}, "
-                                 f"expected {r[inf_wrong][0].item()}")
+                                 f"expected {r[inf_wrong][0].item()} "
+                                 f"(float64: {ref64.detach().cpu()[inf_wrong][0].item()})")
+
+
+def assert_all(ok: torch.Tensor, what: str, values: torch.Tensor | None = None) -> None:
+    """Assert every entry of the boolean tensor ``ok``; on failure say how many entries fail and
+    where the first one is, with its value from ``values``."""
+    ok = torch.as_tensor(ok).detach().cpu()
+    if bool(ok.all()):
+        return
+    bad = ~ok
+    first = tuple(int(i) for i in bad.nonzero()[0]) if ok.dim() else ()
+    got = f", value {values.detach().cpu()[first].item()}" if values is not None else ""
+    raise AssertionError(f"{what}: fails at {int(bad.sum())} of {ok.numel()} entries, first at {first}{got}")
+
+
+def assert_equal(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """Bitwise equality (NaN included), reporting the differing entries and the largest difference."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (
+        f"{name}: {tuple(actual.shape)} {actual.dtype} vs expected {tuple(expected.shape)} {expected.dtype}")
+    a, e = actual.detach().cpu(), expected.detach().cpu()
+    if torch.equal(a, e):
+        return
+    same = (a == e) | (torch.isnan(a) & torch.isnan(e))
+    if bool(same.all()):
+        return
+    d = (a.double() - e.double()).abs()
+    d = torch.where(same, torch.zeros((), dtype=torch.float64), torch.nan_to_num(d, nan=math.inf))
+    at = tuple(int(i) for i in torch.unravel_index(d.argmax(), d.shape)) if d.dim() else ()
+    first = tuple(int(i) for i in (~same).nonzero()[0]) if d.dim() else ()
+    raise AssertionError(f"{name}: not bitwise equal at {int((~same).sum())} of {a.numel()} entries, first at "
+                         f"{first}; largest difference {d.max().item():.3e} at {at}: got {a[at].item()!r}, "
+                         f"expected {e[at].item()!r}")
 
 
 def assert_close_to_ref(actual: torch.Tensor, ref64: torch.Tensor, *, dtype: torch.dtype,
                         same_dtype_ref: torch.Tensor | None = None, name: str = "value",
-                        f32_as_torch: bool = False, scale_floor: float = 0.0) -> None:
+                        f32_as_torch: bool = False, scale_floor: float = 0.0, roundings: int = 1) -> None:
     """Compare a kernel result (computed in ``dtype``) with the float64 reference.
 
     float64 / float32: ``|a - r| <= rtol |r| + atol * max|r|`` (TOLERANCES).
     float16 / bfloat16: the largest error may be at most twice the largest error of the
     same-dtype PyTorch reference ``same_dtype_ref`` (both against float64), plus a floor of half
     an ulp of the largest value (the rounding of a correctly computed result).
+    True values beyond the result dtype's range (a float16 loss over 65504) must come out as
+    +-inf, their correctly rounded value; the errors are measured on the other entries.
     ``f32_as_torch``: for float32 at extreme inputs (|logits| ~ 1e4 at T = 0.1), where the
     1e-5 tolerance is out of reach of any float32 evaluation of the formula (PyTorch's own
     float32 misses it by orders of magnitude), float32 may instead meet the 16-bit rule.
     ``scale_floor``: a lower bound for "max|r|" where the true value can be 0 by cancellation
     (a weight gradient with K = 1): the size of the terms that cancel, not of the result.
+    ``roundings``: how many times the op's contract rounds the result to ``dtype`` (the floor
+    counts half an ulp for each): 2 for a distill_kl gradient scaled by a grad_output other than
+    1, which the op saves in the input's dtype in the forward and scales in the backward.
     """
     check_special_values(actual, ref64, name)
     a = actual.detach().to(torch.float64).cpu()
     r = ref64.detach().to(torch.float64).cpu()
-    fin = torch.isfinite(r)
-    scale = max(_finite_scale(r), scale_floor)
+    # the entries the result's dtype can hold finite (check_special_values matched the rest)
+    fin = torch.isfinite(_as_stored(r, actual.dtype))
+    scale = max(_finite_scale(r, fin), scale_floor)
 
     def twice_torch(prec):
         assert same_dtype_ref is not None, "this comparison needs the same-dtype PyTorch reference"
         check_special_values(same_dtype_ref, ref64, f"{name} (same-dtype torch reference)")
         t = same_dtype_ref.detach().to(torch.float64).cpu()
-        err = float((a - r)[fin].abs().max()) if fin.any() else 0.0
-        err_torch = float((t - r)[fin].abs().max()) if fin.any() else 0.0
-        floor = 0.5 * torch.finfo(prec).eps * scale
+        zero = torch.zeros((), dtype=torch.float64)
+        diff = torch.where(fin, (a - r).abs(), zero)
+        err = float(diff.max()) if fin.any() else 0.0
+        err_torch = float(torch.where(fin, (t - r).abs(), zero).max()) if fin.any() else 0.0
+        at = tuple(torch.unravel_index(diff.argmax(), diff.shape)) if fin.any() and diff.dim() else ()
+        where = (f"; largest at {tuple(int(i) for i in at)}: got {a[at].item():.6e}, float64 {r[at].item():.6e}, "
+                 f"same-dtype torch {t[at].item():.6e}") if fin.any() else ""
+        # Writing the result in ``prec`` rounds it by up to half an ulp: at most 0.5 eps |x| for
+        # a normal x (so at most 0.5 eps max|ref|), and half the subnormal step below the
+        # smallest normal. The floor is that rounding bound, nothing more.
+        fi = torch.finfo(prec)
+        floor = roundings * max(0.5 * fi.eps * scale, 0.5 * fi.tiny * fi.eps)
         return err <= 2 * err_torch + floor, (
             f"{name} ({dtype}): max error {err:.3e} vs float64 exceeds 2 x the same-dtype torch "
-            f"reference's {err_torch:.3e} + floor {floor:.3e} (max |ref| = {scale:.3e})")
+            f"reference's {err_torch:.3e} + floor {floor:.3e} (max |ref| = {scale:.3e}){where}")
 
     if dtype in LOW_PRECISION:
         ok, msg = twice_torch(dtype)

@@ -8,7 +8,7 @@ from reuse_core.nn import DistillationLoss
 from reuse_core.ops import distill_kl_loss
 from reuse_core.ops.reference import distill_kl_loss_reference
 
-from ..conftest import assert_close_to_ref, device_params, dispatched, leaf, randn
+from ..conftest import assert_close_to_ref, assert_equal, device_params, dispatched, leaf, randn
 
 
 def _inputs(gen, device, shape=(3, 7, 113)):
@@ -37,10 +37,10 @@ def test_module_matches_functional(device, kw, gen):
     with dispatched("distill_kl", device=device):
         out = loss_fn(a1, t, lab)
     ref = distill_kl_loss(a2, t, lab, **kw)
-    assert torch.equal(out, ref)
+    assert_equal(out, ref, "loss, module vs functional")
     out.sum().backward()
     ref.sum().backward()
-    assert torch.equal(a1.grad, a2.grad)
+    assert_equal(a1.grad, a2.grad, "grad student, module vs functional")
     r64 = distill_kl_loss_reference(s.double(), t.double(), lab, **kw)
     assert_close_to_ref(out, r64, dtype=torch.float32, name="loss")
 
@@ -106,5 +106,6 @@ def test_module_under_compile(device, gen):
     out_c.backward()
     out_e.backward()
     torch._dynamo.reset()
-    torch.testing.assert_close(out_c, out_e, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-6, atol=1e-7, msg=lambda m: f"loss, compiled vs eager: {m}")
+    torch.testing.assert_close(a1.grad, a2.grad, rtol=1e-6, atol=1e-7,
+                               msg=lambda m: f"grad student, compiled vs eager: {m}")

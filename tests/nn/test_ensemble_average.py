@@ -8,7 +8,7 @@ from reuse_core.nn import EnsembleAverage
 from reuse_core.ops import ensemble_average
 from reuse_core.ops.reference import ensemble_average_reference
 
-from ..conftest import assert_close_to_ref, device_params, dispatched, leaf, randn
+from ..conftest import assert_close_to_ref, assert_equal, device_params, dispatched, leaf, randn
 
 
 def test_default_weights_are_uniform():
@@ -66,7 +66,8 @@ def test_forward_and_grads_match_reference(device, mode, gen):
     with dispatched("ensemble_average", "ensemble_average_backward", device=device):
         y = m(members)
         y.backward(g)
-    assert torch.equal(y.detach(), ensemble_average([x.detach() for x in members], m.weights.detach(), mode=mode))
+    assert_equal(y.detach(), ensemble_average([x.detach() for x in members], m.weights.detach(), mode=mode),
+                 "output, module vs functional")
 
     wl = m.weight_logits.detach().double().cpu().requires_grad_()
     rz = z.detach().double().cpu().requires_grad_()
@@ -138,5 +139,6 @@ def test_module_under_compile(device, gen):
     out_e = m(z)
     out_e.sum().backward()
     torch._dynamo.reset()
-    torch.testing.assert_close(out_c, out_e, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(gc, m.weight_logits.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-6, atol=1e-7, msg=lambda t: f"output, compiled vs eager: {t}")
+    torch.testing.assert_close(gc, m.weight_logits.grad, rtol=1e-5, atol=1e-6,
+                               msg=lambda t: f"grad weight_logits, compiled vs eager: {t}")

@@ -15,8 +15,8 @@ from reuse_core.ops import distill_kl_loss
 from reuse_core.ops.reference import distill_kl_loss_reference
 
 from ..conftest import (
-    HAS_CUDA, LOW_PRECISION, NO_CUDA_REASON, assert_close_to_ref, check_special_values, device_params,
-    dispatched, leaf, rand, randn, require_kernel, target_params, use_target,
+    HAS_CUDA, LOW_PRECISION, NO_CUDA_REASON, assert_all, assert_close_to_ref, assert_equal, check_special_values,
+    device_params, dispatched, leaf, rand, randn, require_kernel, target_params, use_target,
 )
 
 OP = "distill_kl"
@@ -43,6 +43,12 @@ def grad_output_for(loss_shape, reduction, gen, dtype, device, kind="rand"):
     if kind == "one":
         return torch.ones(shape, dtype=dtype, device=device)
     return rand(shape, gen, dtype=dtype, device=device, low=0.5, high=2.0)
+
+
+def roundings(g) -> int:
+    """Gradients scaled by a grad_output other than 1 are rounded twice to a 16-bit dtype: the op
+    saves the gradient in the input's dtype in the forward and scales it in the backward."""
+    return 1 if bool((g == 1).all()) else 2
 
 
 def run(fn, s, t, labels, kw, g, *, grad_teacher, dtype_s=None, dtype_t=None):
@@ -147,18 +153,20 @@ def test_matches_reference(target, dtype, config, reduction, gout, gen, monkeypa
     same = run(distill_kl_loss_reference, s, t, labels, kw, g, grad_teacher=grad_teacher) \
         if dtype in LOW_PRECISION else (None, None, None)
 
-    assert loss.dtype == dtype and gs.dtype == dtype
-    assert loss.shape == (shape[:-1] if reduction == "none" else ())
+    assert loss.dtype == dtype and gs.dtype == dtype, f"loss {loss.dtype}, grad student {gs.dtype}, expected {dtype}"
+    want = shape[:-1] if reduction == "none" else ()
+    assert loss.shape == want, f"loss shape {tuple(loss.shape)}, expected {tuple(want)}"
     assert_close_to_ref(loss, ref[0], dtype=dtype, same_dtype_ref=same[0], name="loss")
-    assert_close_to_ref(gs, ref[1], dtype=dtype, same_dtype_ref=same[1], name="grad student")
+    assert_close_to_ref(gs, ref[1], dtype=dtype, same_dtype_ref=same[1], name="grad student", roundings=roundings(g))
     if grad_teacher:
-        assert gt.dtype == dtype
-        assert_close_to_ref(gt, ref[2], dtype=dtype, same_dtype_ref=same[2], name="grad teacher")
+        assert gt.dtype == dtype, f"grad teacher {gt.dtype}, expected {dtype}"
+        assert_close_to_ref(gt, ref[2], dtype=dtype, same_dtype_ref=same[2], name="grad teacher",
+                            roundings=roundings(g))
     if labels is not None:  # ignored rows have exactly zero gradient
         ign = (labels == kw.get("ignore_index", -100)).cpu()
-        assert (gs.cpu()[ign] == 0).all()
+        assert_all(gs.cpu()[ign] == 0, "grad student == 0 in the ignored rows", gs.cpu()[ign])
         if grad_teacher:
-            assert (gt.cpu()[ign] == 0).all()
+            assert_all(gt.cpu()[ign] == 0, "grad teacher == 0 in the ignored rows", gt.cpu()[ign])
 
 
 MIXED_CPU = [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16), (torch.float32, torch.float64),
@@ -192,13 +200,15 @@ def test_mixed_dtypes(target, dtype_s, dtype_t, gen, monkeypatch):
     ref = run(distill_kl_loss_reference, s, t, labels, kw, g, grad_teacher=True,
               dtype_s=torch.float64, dtype_t=torch.float64)
     same = run(distill_kl_loss_reference, s, t, labels, kw, g, grad_teacher=True)
-    assert (loss.dtype, gs.dtype, gt.dtype) == (dtype_s, dtype_s, dtype_t)
+    assert (loss.dtype, gs.dtype, gt.dtype) == (dtype_s, dtype_s, dtype_t), \
+        f"(loss, grad student, grad teacher) dtypes {(loss.dtype, gs.dtype, gt.dtype)}"
     # each result is held to the tolerance of the least precise dtype among the inputs and itself
     order = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
     for name, x, r, tr in (("loss", loss, ref[0], same[0]), ("grad student", gs, ref[1], same[1]),
                            ("grad teacher", gt, ref[2], same[2])):
         prec = max((dtype_s, dtype_t, x.dtype), key=order.index)
-        assert_close_to_ref(x, r, dtype=prec, same_dtype_ref=tr, name=name)
+        assert_close_to_ref(x, r, dtype=prec, same_dtype_ref=tr, name=name,
+                            roundings=1 if name == "loss" else roundings(g))
 
 
 def test_formula_helper_agrees_with_reference(gen):
@@ -229,7 +239,8 @@ GRADCHECK_CASES = [
 
 
 @pytest.mark.parametrize("kw,with_labels,grad_teacher", GRADCHECK_CASES)
-@pytest.mark.parametrize("device", device_params())
+# CPU only: it needs float64, and the CUDA kernels are float32/float16/bfloat16 (by design).
+@pytest.mark.parametrize("device", ["cpu"])
 def test_gradcheck(device, kw, with_labels, grad_teacher, gen):
     require_kernel(OP, device)
     shape = (2, 3, 5)
@@ -247,7 +258,8 @@ def test_gradcheck(device, kw, with_labels, grad_teacher, gen):
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
-@pytest.mark.parametrize("device", device_params())
+# CPU only: it needs float64, and the CUDA kernels are float32/float16/bfloat16 (by design).
+@pytest.mark.parametrize("device", ["cpu"])
 def test_backward_with_undefined_grad(device, reduction, gen):
     """gradcheck's check_undefined_grad: autograd may hand the backward None for an output's
     gradient (meaning zeros); the inputs' gradients must then be zero (or None), not an error."""
@@ -313,22 +325,27 @@ def _eager_and_compiled(f, s, t, labels, backend, mutual, device):
     return out
 
 
+COMPILE_OUTPUTS = ("loss", "grad student", "grad teacher")
+
+
 @pytest.mark.parametrize("mutual", [False, True], ids=["student", "mutual"])
 @pytest.mark.parametrize("device", device_params())
 def test_compile_aot_eager(device, mutual, gen):
     s, t, labels, f = _compile_case(gen, device, mutual=mutual)
     out = _eager_and_compiled(f, s, t, labels, "aot_eager", mutual, device)
-    for e, c in zip(out["eager"], out["compiled"]):
+    for name, e, c in zip(COMPILE_OUTPUTS, out["eager"], out["compiled"]):
         if e is not None:
-            torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-7, equal_nan=False)
+            torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-7, equal_nan=False,
+                                       msg=lambda m, name=name: f"{name}, compiled vs eager: {m}")
 
 
 @pytest.mark.parametrize("device", device_params())
 def test_compile_inductor(device, gen):
     s, t, labels, f = _compile_case(gen, device, mutual=True)
     out = _eager_and_compiled(f, s, t, labels, "inductor", True, device)
-    for e, c in zip(out["eager"], out["compiled"]):
-        torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-7, equal_nan=False)
+    for name, e, c in zip(COMPILE_OUTPUTS, out["eager"], out["compiled"]):
+        torch.testing.assert_close(c, e, rtol=1e-6, atol=1e-7, equal_nan=False,
+                                   msg=lambda m, name=name: f"{name}, compiled vs eager: {m}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,6 +389,8 @@ def _layout(x64: torch.Tensor, layout: str, dtype, device, gen):
 def test_hypothesis_shapes_layouts(device, lead, V, dtype, layout_s, layout_t, reduction, with_labels, mutual,
                                    T, seed):
     require_kernel(OP, device)
+    if device == "cuda" and dtype == torch.float64:  # no float64 kernel on CUDA (by design)
+        dtype = torch.float32
     gen = torch.Generator().manual_seed(seed)
     shape = tuple(lead) + (V,)
     s64 = torch.randn(shape, generator=gen, dtype=torch.float64) * 2
@@ -392,7 +411,8 @@ def test_hypothesis_shapes_layouts(device, lead, V, dtype, layout_s, layout_t, r
     rs_in, rt_in = view_s(rs), view_t(rt)
     ref = distill_kl_loss_reference(rs_in, rt_in, labels, **kw)
     ref.backward(g.double())
-    assert loss.shape == ref.shape and loss.dtype == dtype
+    assert loss.shape == ref.shape and loss.dtype == dtype, \
+        f"loss {tuple(loss.shape)} {loss.dtype}, expected {tuple(ref.shape)} {dtype}"
     assert_close_to_ref(loss, ref, dtype=dtype, name="loss")
     assert_close_to_ref(s_leaf.grad, rs.grad, dtype=dtype, name="grad student")
     if mutual:
@@ -552,8 +572,13 @@ def test_huge_logits(target, dtype, temperature, gen, monkeypatch):
               dtype_s=torch.float64, dtype_t=torch.float64)
     same = run(distill_kl_loss_reference, s, t, labels, kw, g, grad_teacher=True)
     for name, x, r, tr in zip(("loss", "grad student", "grad teacher"), out, ref, same):
-        assert torch.isfinite(x).all(), f"{name} not finite"
-        assert_close_to_ref(x, r, dtype=dtype, same_dtype_ref=tr, name=name, f32_as_torch=True)
+        if name == "loss" and r.abs().max() > torch.finfo(dtype).max:
+            # kd T^2 KL reaches ~1e6 at T = 100: past float16's range, so +inf is the right answer
+            assert torch.isinf(x).all() and (x > 0).all(), f"loss {x} should overflow {dtype} to +inf"
+            continue
+        assert_all(torch.isfinite(x), f"{name} finite", x)
+        assert_close_to_ref(x, r, dtype=dtype, same_dtype_ref=tr, name=name, f32_as_torch=True,
+                            roundings=1 if name == "loss" else roundings(g))
 
 
 @pytest.mark.parametrize("temperature", [0.1, 1.0, 100.0])
@@ -580,9 +605,10 @@ def test_teacher_neg_inf_entries(target, dtype, temperature, gen, monkeypatch):
               dtype_s=torch.float64, dtype_t=torch.float64)
     same = run(distill_kl_loss_reference, s, t, labels, kw, g, grad_teacher=True)
     for name, x, r, tr in zip(("loss", "grad student", "grad teacher"), out, ref, same):
-        assert torch.isfinite(x).all(), f"{name} not finite"
+        assert_all(torch.isfinite(x), f"{name} finite", x)
         # T = 0.1 is an extreme value too: float32 may meet the 2x-PyTorch rule instead of 1e-5
-        assert_close_to_ref(x, r, dtype=dtype, same_dtype_ref=tr, name=name, f32_as_torch=True)
+        assert_close_to_ref(x, r, dtype=dtype, same_dtype_ref=tr, name=name, f32_as_torch=True,
+                            roundings=1 if name == "loss" else roundings(g))
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
@@ -609,10 +635,11 @@ def test_student_neg_inf_where_teacher_has_mass(target, dtype, reduction, gen, m
         assert_close_to_ref(loss.cpu()[finite], rows[finite], dtype=dtype,
                             same_dtype_ref=rows[finite].to(dtype), name="finite loss rows")
     else:
-        assert loss.item() == math.inf
-    assert torch.isinf(rows[[1, 3]]).all() and torch.isfinite(rows[[0, 2, 4]]).all()
-    assert torch.isfinite(s_.grad).all() and torch.isfinite(t_.grad).all()
-    assert (t_.grad.cpu()[[1, 3]] == 0).all()
+        assert loss.item() == math.inf, f"loss {loss.item()}, expected +inf"
+    assert torch.isinf(rows[[1, 3]]).all() and torch.isfinite(rows[[0, 2, 4]]).all(), f"bad test input: rows {rows}"
+    assert_all(torch.isfinite(s_.grad), "grad student finite", s_.grad)
+    assert_all(torch.isfinite(t_.grad), "grad teacher finite", t_.grad)
+    assert_all(t_.grad.cpu()[[1, 3]] == 0, "grad teacher == 0 in the rows of infinite KL (1, 3)", t_.grad.cpu()[[1, 3]])
     # 16-bit: no same-dtype torch reference exists for this case (it gives NaN); the
     # closed form rounded to the dtype stands in for it.
     assert_close_to_ref(s_.grad, gs_ref, dtype=dtype, same_dtype_ref=gs_ref.to(dtype), name="grad student")
@@ -633,10 +660,11 @@ def test_empty_batch(device, shape, reduction, gen):
         loss = distill_kl_loss(s, t, temperature=2.0, reduction=reduction)
         loss.sum().backward()
     if reduction == "none":
-        assert loss.shape == shape[:-1] and loss.numel() == 0
+        assert loss.shape == shape[:-1] and loss.numel() == 0, f"loss shape {tuple(loss.shape)}"
     else:
-        assert loss.shape == () and loss.item() == 0.0
-    assert s.grad.shape == shape and t.grad.shape == shape
+        assert loss.shape == () and loss.item() == 0.0, f"loss {loss}, expected a scalar 0"
+    assert s.grad.shape == shape and t.grad.shape == shape, \
+        f"grad shapes student {tuple(s.grad.shape)}, teacher {tuple(t.grad.shape)}, expected {shape}"
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -651,9 +679,10 @@ def test_all_rows_ignored(target, dtype, ce_weight, reduction, gen, monkeypatch)
     with dispatched(OP, device=device):
         loss = distill_kl_loss(s, t, labels, ce_weight=ce_weight, ignore_index=7, reduction=reduction)
         loss.sum().backward()
-    assert not torch.isnan(loss).any()
-    assert (loss == 0).all() and loss.shape == (shape[:-1] if reduction == "none" else ())
-    assert (s.grad == 0).all() and (t.grad == 0).all()
+    assert loss.shape == (shape[:-1] if reduction == "none" else ()), f"loss shape {tuple(loss.shape)}"
+    assert_all(loss == 0, "loss == 0 with every row ignored", loss)
+    assert_all(s.grad == 0, "grad student == 0 with every row ignored", s.grad)
+    assert_all(t.grad == 0, "grad teacher == 0 with every row ignored", t.grad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -675,20 +704,25 @@ def test_saved_gradient_retain_graph(device, shape, reduction, gen):
     g1s, g1t = torch.autograd.grad(loss, (s, t), one, retain_graph=True)
     g1s, g1t = g1s.clone(), g1t.clone()
     g2s, g2t = torch.autograd.grad(loss, (s, t), one, retain_graph=True)
-    assert torch.equal(g2s, g1s) and torch.equal(g2t, g1t)
+    assert_equal(g2s, g1s, "grad student, 2nd autograd.grad vs 1st")
+    assert_equal(g2t, g1t, "grad teacher, 2nd autograd.grad vs 1st")
     for k in range(1, 4):
         loss.backward(one, retain_graph=True)
-        torch.testing.assert_close(s.grad, k * g1s, rtol=1e-6, atol=0)
-        torch.testing.assert_close(t.grad, k * g1t, rtol=1e-6, atol=0)
+        torch.testing.assert_close(s.grad, k * g1s, rtol=1e-6, atol=0,
+                                   msg=lambda m, k=k: f"student .grad after {k} backward(s) vs {k} x the first: {m}")
+        torch.testing.assert_close(t.grad, k * g1t, rtol=1e-6, atol=0,
+                                   msg=lambda m, k=k: f"teacher .grad after {k} backward(s) vs {k} x the first: {m}")
     s.grad.mul_(-7.0)  # writing into .grad must not reach the saved gradient
     t.grad.zero_()
     g3s, g3t = torch.autograd.grad(loss, (s, t), one, retain_graph=True)
-    assert torch.equal(g3s, g1s) and torch.equal(g3t, g1t)
+    assert_equal(g3s, g1s, "grad student after writing into .grad")
+    assert_equal(g3t, g1t, "grad teacher after writing into .grad")
     two = torch.full_like(loss, 2.0)
     g4s, g4t = torch.autograd.grad(loss, (s, t), two, retain_graph=True)
-    assert torch.equal(g4s, 2 * g1s) and torch.equal(g4t, 2 * g1t)
+    assert_equal(g4s, 2 * g1s, "grad student for grad_output 2 vs 2 x grad student")
+    assert_equal(g4t, 2 * g1t, "grad teacher for grad_output 2 vs 2 x grad teacher")
     g5s, = torch.autograd.grad(loss, s, one)
-    assert torch.equal(g5s, g1s)
+    assert_equal(g5s, g1s, "grad student, last autograd.grad (graph freed) vs first")
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -705,10 +739,10 @@ def test_saved_gradient_shared_input(device, gen):
     g1 = x.grad.clone()
     x.grad = None
     total.backward(retain_graph=True)
-    assert torch.equal(x.grad, g1)
+    assert_equal(x.grad, g1, "grad x, 2nd backward vs 1st")
     x.grad = None
     total.backward()
-    assert torch.equal(x.grad, g1)
+    assert_equal(x.grad, g1, "grad x, 3rd backward vs 1st")
     ref_s = s.detach().double().requires_grad_()
     (distill_kl_loss_reference(ref_s, t.double()) + (ref_s * c.double()).sum()).backward()
     assert_close_to_ref(g1, 1.5 * ref_s.grad, dtype=torch.float32, name="grad x")
