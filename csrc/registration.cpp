@@ -9,7 +9,7 @@ namespace reuse_core {
 
 std::string build_info() {
   std::string info = "{\"cpu_isa\": \"";
-  info += use_avx2() ? "avx2" : "portable";
+  info += cpu_isa_name(cpu_isa());
 #ifdef REUSE_WITH_CUDA
   info += "\", \"cuda\": true, \"cuda_archs\": \"" REUSE_CUDA_ARCHS "\"}";
 #else

@@ -43,12 +43,12 @@ def device_params():
 
 
 def target_params(cpu_dtypes=CPU_DTYPES, cuda_dtypes=CUDA_DTYPES):
-    """(target, dtype) pairs. A target is "cpu-avx2", "cpu-portable" or "cuda". float32 and
-    bfloat16 run on both CPU code paths; float64 always takes the portable path in the kernel,
-    so it runs once (on the default path)."""
+    """(target, dtype) pairs. A target is "cpu-avx512", "cpu-avx2", "cpu-portable" or "cuda".
+    float32 and bfloat16 run on every CPU code path (those the processor lacks are skipped);
+    float64 always takes the portable path in the kernel, so it runs once (on the default path)."""
     out = []
     for dt in cpu_dtypes:
-        isas = ("avx2", "portable") if dt in (torch.float32, torch.bfloat16) else ("default",)
+        isas = ("avx512", "avx2", "portable") if dt in (torch.float32, torch.bfloat16) else ("default",)
         for isa in isas:
             out.append(pytest.param(f"cpu-{isa}", dt, id=f"cpu-{isa}-{dtype_id(dt)}"))
     for dt in cuda_dtypes:
@@ -58,19 +58,22 @@ def target_params(cpu_dtypes=CPU_DTYPES, cuda_dtypes=CUDA_DTYPES):
 
 def use_target(target: str, monkeypatch) -> str:
     """Select the target's code path (REUSE_CORE_CPU_ISA is read on every call) and return its
-    torch device string. Asserts the extension reports the path it was asked for."""
+    torch device string. Asserts the extension reports the path it was asked for, and skips a
+    path this processor lacks."""
     if target == "cuda":
         if not HAS_CUDA:
             pytest.skip(NO_CUDA_REASON)
         return "cuda"
     isa = target.split("-", 1)[1]
-    if isa == "portable":
-        monkeypatch.setenv("REUSE_CORE_CPU_ISA", "portable")
-        assert _ext.build_info()["cpu_isa"] == "portable", "REUSE_CORE_CPU_ISA=portable was not honoured"
-    else:
+    if isa == "default":
         monkeypatch.delenv("REUSE_CORE_CPU_ISA", raising=False)
-        if isa == "avx2" and _ext.build_info()["cpu_isa"] != "avx2":
-            pytest.skip("this CPU has no AVX2+FMA (the extension picked the portable path)")
+        return "cpu"
+    monkeypatch.setenv("REUSE_CORE_CPU_ISA", isa)
+    got = _ext.build_info()["cpu_isa"]
+    if got != isa:
+        order = ("portable", "avx2", "avx512")
+        assert order.index(got) < order.index(isa), f"REUSE_CORE_CPU_ISA={isa} was not honoured (got {got})"
+        pytest.skip(f"this CPU has no {isa} (the extension picked {got})")
     return "cpu"
 
 

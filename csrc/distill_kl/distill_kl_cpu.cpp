@@ -77,13 +77,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_kl_cpu(
   P.student_dtype = to_dtype(s);
   P.teacher_dtype = to_dtype(t);
 
-  const bool avx2 = !f64 && use_avx2();
+  const CpuIsa isa = f64 ? CpuIsa::portable : cpu_isa();
   const int64_t grain = std::max<int64_t>(1, 32768 / V);
   at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
-    if (avx2)
-      distill_kl_rows_avx2(P, r0, r1);
-    else
-      distill_kl_rows_portable(P, r0, r1);
+    switch (isa) {
+      case CpuIsa::avx512: distill_kl_rows_avx512(P, r0, r1); break;
+      case CpuIsa::avx2: distill_kl_rows_avx2(P, r0, r1); break;
+      default: distill_kl_rows_portable(P, r0, r1);
+    }
   });
 
   at::Tensor loss;

@@ -219,10 +219,11 @@ void distill_kl_rows_run(const DistillKLParams& P, int64_t r0, int64_t r1) {
 
 }  // namespace
 
-// Rows [r0, r1) on the dtypes in P; the portable one lives in distill_kl_cpu.cpp, the AVX2
-// one in distill_kl_cpu_avx2.cpp (float32/bfloat16 storage only).
+// Rows [r0, r1) on the dtypes in P; the portable one lives in distill_kl_cpu.cpp, the vector
+// ones in distill_kl_cpu_{avx2,avx512}.cpp (float32/bfloat16 storage only).
 void distill_kl_rows_portable(const DistillKLParams& P, int64_t r0, int64_t r1);
 void distill_kl_rows_avx2(const DistillKLParams& P, int64_t r0, int64_t r1);
+void distill_kl_rows_avx512(const DistillKLParams& P, int64_t r0, int64_t r1);
 
 
 }  // namespace reuse_core

@@ -77,13 +77,14 @@ void prepare(Prepared& S, at::TensorList members, const at::Tensor& weights, int
 }
 
 void run_rows(const EnsembleParams& P, bool backward) {
-  const bool avx2 = P.dtype != DType::f64 && use_avx2();
+  const CpuIsa isa = P.dtype == DType::f64 ? CpuIsa::portable : cpu_isa();
   const int64_t grain = std::max<int64_t>(1, 16384 / (P.C * P.K));
   at::parallel_for(0, P.rows, grain, [&](int64_t r0, int64_t r1) {
-    if (avx2)
-      ensemble_rows_avx2(P, r0, r1, backward);
-    else
-      ensemble_rows_portable(P, r0, r1, backward);
+    switch (isa) {
+      case CpuIsa::avx512: ensemble_rows_avx512(P, r0, r1, backward); break;
+      case CpuIsa::avx2: ensemble_rows_avx2(P, r0, r1, backward); break;
+      default: ensemble_rows_portable(P, r0, r1, backward);
+    }
   });
 }
 

@@ -111,7 +111,7 @@ struct EnsembleRows {
     for_chunks<W>(n, [&](int64_t i, auto tail) REUSE_AI {
       using Tl = decltype(tail);
       const V u = vload<Ops, Tl>(y + i, n - i, 1);
-      const V big = Ops::gt(u, tiny);
+      const auto big = Ops::gt(u, tiny);
       any_tiny |= !Ops::all(big);
       vstore<Ops, Tl>(y + i, Ops::select(big, Ops::log(Ops::max(u, tiny)), Ops::set1(-inf)), n - i);
     });
@@ -286,9 +286,10 @@ void ensemble_rows_run(const EnsembleParams& P, int64_t r0, int64_t r1, bool bac
 
 }  // namespace
 
-// Rows [r0, r1); the portable one lives in ensemble_average_cpu.cpp, the AVX2 one in
-// ensemble_average_cpu_avx2.cpp (float32/bfloat16 storage only).
+// Rows [r0, r1); the portable one lives in ensemble_average_cpu.cpp, the vector ones in
+// ensemble_average_cpu_{avx2,avx512}.cpp (float32/bfloat16 storage only).
 void ensemble_rows_portable(const EnsembleParams& P, int64_t r0, int64_t r1, bool backward);
 void ensemble_rows_avx2(const EnsembleParams& P, int64_t r0, int64_t r1, bool backward);
+void ensemble_rows_avx512(const EnsembleParams& P, int64_t r0, int64_t r1, bool backward);
 
 }  // namespace reuse_core

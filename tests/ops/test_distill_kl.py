@@ -176,7 +176,7 @@ MIXED_CUDA = [(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (
 
 def _mixed_params():
     out = []
-    for target in ("cpu-avx2", "cpu-portable"):
+    for target in ("cpu-avx512", "cpu-avx2", "cpu-portable"):
         for ds, dt in MIXED_CPU:
             out.append(pytest.param(target, ds, dt, id=f"{target}-{ds}-{dt}".replace("torch.", "")))
     for ds, dt in MIXED_CUDA:

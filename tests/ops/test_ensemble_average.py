@@ -156,6 +156,7 @@ def test_matches_reference(target, dtype, config, mode, gen, monkeypatch):
 
 
 MIXED = [
+    pytest.param("cpu-avx512", torch.bfloat16, torch.float32, id="cpu-avx512-bf16-w_f32"),
     pytest.param("cpu-avx2", torch.bfloat16, torch.float32, id="cpu-avx2-bf16-w_f32"),
     pytest.param("cpu-portable", torch.bfloat16, torch.float32, id="cpu-portable-bf16-w_f32"),
     pytest.param("cpu-avx2", torch.float32, torch.float64, id="cpu-avx2-f32-w_f64"),
