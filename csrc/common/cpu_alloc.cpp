@@ -88,10 +88,4 @@ at::Tensor empty_cpu_output(at::IntArrayRef sizes, at::ScalarType dtype) {
       p, sizes, [bytes](void* q) { release_block(q, bytes); }, at::TensorOptions().dtype(dtype));
 }
 
-int64_t cpu_cache_bytes() {
-  Cache& c = cache();
-  std::lock_guard<std::mutex> g(c.mu);
-  return c.cached;
-}
-
 }  // namespace reuse_core

@@ -14,7 +14,4 @@ namespace reuse_core {
 
 at::Tensor empty_cpu_output(at::IntArrayRef sizes, at::ScalarType dtype);
 
-// Bytes held by the cache right now (for tests and `reuse doctor`).
-int64_t cpu_cache_bytes();
-
 }  // namespace reuse_core
