@@ -15,6 +15,7 @@ from reuse_core.ops import distill_kl_loss
 from reuse_core.ops.reference import distill_kl_loss_reference
 
 from ..conftest import (
+    CUDA_MARKS,
     HAS_CUDA, LOW_PRECISION, NO_CUDA_REASON, assert_all, assert_close_to_ref, assert_equal, check_special_values,
     device_params, dispatched, leaf, rand, randn, require_kernel, target_params, use_target,
 )
@@ -181,7 +182,7 @@ def _mixed_params():
             out.append(pytest.param(target, ds, dt, id=f"{target}-{ds}-{dt}".replace("torch.", "")))
     for ds, dt in MIXED_CUDA:
         out.append(pytest.param("cuda", ds, dt, id=f"cuda-{ds}-{dt}".replace("torch.", ""),
-                                marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)]))
+                                marks=CUDA_MARKS))
     return out
 
 

@@ -14,6 +14,7 @@ from reuse_core.ops import ensemble_average
 from reuse_core.ops.reference import ensemble_average_reference
 
 from ..conftest import (
+    CUDA_MARKS,
     HAS_CUDA, LOW_PRECISION, NO_CUDA_REASON, assert_all, assert_close_to_ref, assert_equal, device_params, dispatched,
     leaf, rand, randn, require_kernel, sum_scale, target_params, use_target,
 )
@@ -162,9 +163,9 @@ MIXED = [
     pytest.param("cpu-avx2", torch.float32, torch.float64, id="cpu-avx2-f32-w_f64"),
     pytest.param("cpu-default", torch.float64, torch.float32, id="cpu-f64-w_f32"),
     pytest.param("cuda", torch.float16, torch.float32, id="cuda-f16-w_f32",
-                 marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)]),
+                 marks=CUDA_MARKS),
     pytest.param("cuda", torch.bfloat16, torch.float32, id="cuda-bf16-w_f32",
-                 marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)]),
+                 marks=CUDA_MARKS),
 ]
 
 
