@@ -1,4 +1,8 @@
-"""The ``reuse`` command. Each verb is an entry of :data:`VERBS`: (name, help, add_arguments, run).
+"""The ``reuse`` command.
+
+A verb is a tuple (name, help, epilog, add_arguments, run). This module holds the kernel verbs
+(:data:`VERBS`); each other area of the toolkit keeps its verbs in its own ``cli_*`` module, listed
+in :data:`VERB_MODULES`, so a verb lives next to nothing but its own kind.
 
 Heavy imports (torch, the kernels) happen inside the verbs, so ``reuse --help`` stays fast.
 """
@@ -117,7 +121,9 @@ def _run_doctor(args: argparse.Namespace) -> int:
     return doctor.main(as_json=args.json)
 
 
-VERBS: list[tuple[str, str, str, Callable, Callable]] = [
+Verb = tuple[str, str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+VERBS: list[Verb] = [
     (
         "bench",
         "time the fused kernels against eager PyTorch and torch.compile",
@@ -135,6 +141,19 @@ VERBS: list[tuple[str, str, str, Callable, Callable]] = [
 ]
 
 
+# Modules that define a VERBS list of their own, in the order `reuse --help` lists them.
+VERB_MODULES: tuple[str, ...] = ()
+
+
+def all_verbs() -> list[Verb]:
+    import importlib
+
+    verbs = list(VERBS)
+    for name in VERB_MODULES:
+        verbs.extend(importlib.import_module(name).VERBS)
+    return verbs
+
+
 def build_parser() -> argparse.ArgumentParser:
     from reuse_core import __version__
 
@@ -146,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"reuse-core {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
-    for name, help_, epilog, add, run in VERBS:
+    for name, help_, epilog, add, run in all_verbs():
         p = sub.add_parser(
             name, help=help_, description=help_[0].upper() + help_[1:] + ".", epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
