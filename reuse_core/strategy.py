@@ -34,6 +34,8 @@ class Option:
     ``type`` is ``int``, ``float``, ``str``, ``bool`` or ``list`` (a list of strings; on the command
     line, several values after the flag). Strings are converted to ``type`` (the command line gives
     strings); ``check`` gets the converted value and returns an error message, or None when fine.
+    ``ref``: the value names a model (each item, for a list): an earlier recipe step, or a store ID,
+    unique ID prefix or name. Recipes check these names before any step runs.
     """
 
     name: str
@@ -42,6 +44,7 @@ class Option:
     help: str = ""
     choices: tuple | None = None
     check: Callable[[Any], str | None] | None = None
+    ref: bool = False
 
     def __post_init__(self):
         if self.type not in _TYPES:
@@ -101,6 +104,7 @@ class Option:
             "required": self.required,
             "help": self.help,
             "choices": list(self.choices) if self.choices else None,
+            "ref": self.ref,
         }
 
 

@@ -80,5 +80,5 @@ def test_describe_is_json_ready():
     d = _strategy().describe()
     json.dumps(d)
     assert d["options"][0] == {"name": "teacher", "type": "str", "default": None, "required": True,
-                               "help": "store ID of the teacher", "choices": None}
+                               "help": "store ID of the teacher", "choices": None, "ref": False}
     assert REQUIRED is not None and StrategyResult(models=["a", "b"]).model == "b"
