@@ -344,7 +344,15 @@ class ModelStore:
 
     def _import_external(self, path: Path, state: dict[str, torch.Tensor], fmt: str, *, backbone: str,
                          config: dict, classes: list[str] | int | None, name: str | None) -> ModelRecord:
-        from reuse_core.backbone import build
+        from reuse_core import backbone as backbones
+
+        def build(num_classes: int) -> torch.nn.Module:
+            try:
+                return backbones.build(backbone, num_classes, in_channels, **config)
+            except KeyError as e:  # the registry's UnknownNameError, which names close matches
+                raise StoreError(f"{path}: {e.args[0] if e.args else e}") from None
+            except (TypeError, ValueError) as e:
+                raise StoreError(f"{path}: cannot build backbone {backbone!r} with {config}: {e}") from None
 
         config = dict(config)
         in_channels = int(config.pop("in_channels", 3))
@@ -353,13 +361,13 @@ class ModelStore:
         elif classes is not None:
             names = [str(c) for c in classes]
         else:
-            head = build(backbone, 2, in_channels, **config).head_name
+            head = build(2).head_name
             weight = state.get(f"{head}.weight")
             if weight is None or weight.dim() < 1:
                 raise StoreError(f"{path}: no {head}.weight (the {backbone} head) to count the classes by; "
                                  "give them (--classes)")
             names = [str(i) for i in range(weight.shape[0])]
-        model = build(backbone, len(names), in_channels, **config)
+        model = build(len(names))
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:

@@ -1,0 +1,171 @@
+"""``reuse models``: the model store from the command line (list, show, lineage, export, import, rm)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+MODELS_EPILOG = """\
+A model is named by its id, a unique prefix of it, or its name (`reuse models list` shows them).
+The store is --store PATH, else $REUSE_CORE_STORE, else ~/.cache/reuse-core/store
+($XDG_CACHE_HOME/reuse-core/store where that is set).
+
+examples:
+  reuse models list
+  reuse models show 3fa2                        one model's manifest, its weights checked
+  reuse models lineage 3fa2                     pretrained -> fine-tuned -> distilled ...
+  reuse models export 3fa2 teacher.safetensors  one file, with the manifest inside
+  reuse models import teacher.safetensors       into another store: same id, same lineage
+  reuse models import resnet18.pth --backbone resnet18
+                                                your own weights become the root of a lineage
+  reuse models import digits.safetensors --backbone small-cnn --config in_channels=1 --classes 10
+  reuse models rm 3fa2
+"""
+
+
+def _add_models(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", metavar="PATH", default=None, help="the store's folder (default: $REUSE_CORE_STORE "
+                   "or ~/.cache/reuse-core/store)")
+    common = argparse.ArgumentParser(add_help=False)
+    # also accepted after the sub-command; SUPPRESS keeps a --store given before it
+    common.add_argument("--store", metavar="PATH", default=argparse.SUPPRESS, help="the store's folder")
+    sub = p.add_subparsers(dest="models_command", metavar="<action>", title="actions")
+
+    def action(name: str, help_: str, json_help: str | None = None) -> argparse.ArgumentParser:
+        a = sub.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".", parents=[common])
+        if json_help:
+            a.add_argument("--json", action="store_true", help=json_help)
+        return a
+
+    action("list", "list the stored models, oldest first", "print the manifests as JSON")
+    action("show", "show a model's manifest and check its weights", "print the manifest as JSON").add_argument(
+        "model", metavar="ID")
+    action("lineage", "show how knowledge flowed into and out of a model",
+           "print the lineage graph as JSON").add_argument("model", metavar="ID")
+    a = action("export", "write a model to one self-contained .safetensors file")
+    a.add_argument("model", metavar="ID")
+    a.add_argument("path", metavar="PATH", help="the file to write, or a folder to write <name>-<id>.safetensors in")
+    a = action("import", "add a store export, or external weights for a registered backbone",
+               "print the new model's manifest as JSON")
+    a.add_argument("path", metavar="PATH", help="a store export, or weights: .safetensors, .pt/.pth/.bin state_dict")
+    a.add_argument("--backbone", metavar="NAME", help="the backbone external weights belong to (`reuse plugins list`)")
+    a.add_argument("--classes", metavar="N|A,B,...", help="external weights: the number of classes or their names, "
+                   "comma-separated (default: the size of the head)")
+    a.add_argument("--config", metavar="KEY=VALUE", action="append", default=[],
+                   help="external weights: a backbone build option, e.g. in_channels=1 (repeatable; values are JSON "
+                   "where they parse as JSON)")
+    a.add_argument("--name", help="a name for the model (default: the file's name)")
+    action("rm", "remove a model from the store").add_argument("model", metavar="ID")
+
+
+def _config(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--config takes KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _classes(text: str | None) -> int | list[str] | None:
+    if text is None:
+        return None
+    return int(text) if text.strip().isdigit() else [c.strip() for c in text.split(",") if c.strip()]
+
+
+def _metric(m: dict) -> str:
+    metrics = m.get("metrics") or {}
+    for key in ("val_accuracy", "test_accuracy", "accuracy"):
+        if isinstance(metrics.get(key), (int, float)):
+            return f"{key}={metrics[key]:.4f}"
+    return ""
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _show(m: dict) -> str:
+    lin = m["lineage"]
+    w = m["weights"]
+    lines = [
+        f"id        {m['id']}",
+        f"name      {m.get('name')}",
+        f"backbone  {m['backbone']}  {json.dumps(m.get('config') or {})}",
+        f"dataset   {m.get('dataset') or '-'}",
+        f"classes   {len(m['classes'])}: {', '.join(m['classes'][:12])}{' ...' if len(m['classes']) > 12 else ''}",
+        f"metrics   {json.dumps(m.get('metrics') or {})}",
+        f"created   {m.get('created')}",
+        f"strategy  {lin.get('strategy') or '-'}  {json.dumps(lin.get('options') or {})}",
+        f"parents   {', '.join(lin.get('parents') or []) or '- (a root)'}",
+        f"weights   {w['file']}, {w['bytes']} bytes, sha256 {w['sha256']} (checked: ok)",
+    ]
+    return "\n".join(lines)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from reuse_core.store import ModelStore, StoreError, format_lineage
+
+    if not args.models_command:
+        print("reuse models: say what to do: list, show, lineage, export, import or rm (see reuse models --help)",
+              file=sys.stderr)
+        return 2
+    store = ModelStore(args.store)
+    cmd = args.models_command
+    try:
+        if cmd == "list":
+            models = store.list()
+            if args.json:
+                print(json.dumps(models, indent=2))
+            elif not models:
+                print(f"no models in {store.root}")
+            else:
+                rows = [["ID", "NAME", "BACKBONE", "STRATEGY", "DATASET", "CLASSES", "METRIC", "CREATED"]]
+                for m in models:
+                    if "error" in m:
+                        rows.append([m["id"], "BROKEN: " + m["error"], "", "", "", "", "", ""])
+                        continue
+                    rows.append([m["id"], str(m.get("name")), m["backbone"], m["lineage"].get("strategy") or "-",
+                                 m.get("dataset") or "-", str(len(m["classes"])), _metric(m),
+                                 (m.get("created") or "")[:19].replace("T", " ")])
+                print(_table(rows))
+        elif cmd == "show":
+            m = store.verify(args.model)
+            print(json.dumps(m, indent=2) if args.json else _show(m))
+        elif cmd == "lineage":
+            lin = store.lineage(args.model)
+            print(json.dumps(lin, indent=2) if args.json else format_lineage(lin))
+        elif cmd == "export":
+            print(f"exported {store.resolve(args.model)} to {store.export(args.model, args.path)}")
+        elif cmd == "import":
+            rec = store.import_(args.path, backbone=args.backbone, config=_config(args.config),
+                                classes=_classes(args.classes), name=args.name)
+            print(json.dumps(rec.manifest, indent=2) if args.json else
+                  f"imported {rec.id} ({rec.name}, {rec.manifest['backbone']}) into {store.root}")
+        elif cmd == "rm":
+            m = store.rm(args.model)
+            orphans = [m2["id"] for m2 in store.list() if m["id"] in m2.get("lineage", {}).get("parents", [])]
+            print(f"removed {m['id']} ({m.get('name')})")
+            if orphans:
+                print(f"note: {len(orphans)} model(s) descend from it and keep its summary in their lineage: "
+                      f"{', '.join(orphans)}")
+    except (StoreError, ValueError) as e:
+        print(f"reuse models {cmd}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+VERBS = [
+    (
+        "models",
+        "list, inspect, export and import the models in the model store",
+        MODELS_EPILOG,
+        _add_models,
+        _run_models,
+    ),
+]
