@@ -1,0 +1,18 @@
+"""Combining trained models: parallel ensembles (batched training, weights, voting), sequential
+cascades (calibration, threshold sweeps) and model soups. Torch-level pieces; the ``ensemble``,
+``cascade`` and ``soup`` strategies build on them."""
+from .batched import BatchedMembers, member_loss
+from .calibration import expected_calibration_error, fit_temperature
+from .cascade import Cascade, CascadePoint, choose, flops_per_sample, seconds_per_sample, sweep
+from .ensemble import COMBINES, Ensemble, collect_logits
+from .soup import GreedySoup, Ingredient, SoupError, check_ingredients, greedy_soup, uniform_soup
+from .weights import (WEIGHTINGS, accuracy_weights, choose_weights, learn_weights, majority_vote, member_accuracies,
+                      uniform_weights)
+
+__all__ = [
+    "BatchedMembers", "COMBINES", "Cascade", "CascadePoint", "Ensemble", "GreedySoup", "Ingredient", "SoupError",
+    "WEIGHTINGS", "accuracy_weights", "check_ingredients", "choose", "choose_weights", "collect_logits",
+    "expected_calibration_error", "fit_temperature", "flops_per_sample", "greedy_soup", "learn_weights",
+    "majority_vote", "member_accuracies", "member_loss", "seconds_per_sample", "sweep", "uniform_soup",
+    "uniform_weights",
+]
