@@ -206,6 +206,8 @@ def _fit(model, train_data, val_data, *, loss_fn, config, run_dir, hooks, strate
         order.set_state(state["data_order"])
         start, history = state["epoch"], state["metrics"]
     if ctx.is_main:
+        for stale in run_dir.glob(".*.tmp"):  # half-written files of a run killed mid-write
+            stale.unlink(missing_ok=True)
         log.rewrite(history)
         hooks.reuse_run_start(strategy=strategy, options=options, run_dir=str(run_dir))
 

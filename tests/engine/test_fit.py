@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -108,6 +109,16 @@ def test_param_groups_scale_the_lr_and_frozen_parameters_stay(tmp_path):
     assert cfg.to_dict()["param_groups"] == [["0", 0.1], ["<1 params>", 0.0]]
     with pytest.raises(ValueError, match="no parameter of the model is under 'nope'"):
         fit(mlp(), blobs(32), config=quiet(epochs=1, param_groups=[("nope", 0.5)]), run_dir=tmp_path / "x")
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_bars_on_a_terminal_unless_silenced(tmp_path, capsys, monkeypatch, progress):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    fit(mlp(), blobs(32), config=TrainConfig(epochs=1, batch_size=16, progress=progress), run_dir=tmp_path)
+    err = capsys.readouterr().err
+    assert ("epoch 1/1" in err) == progress
+    if not progress:
+        assert err == ""
 
 
 def test_bad_config_and_bad_data_are_refused(tmp_path):

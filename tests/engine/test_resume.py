@@ -34,6 +34,8 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_identical_weights(tmp_path):
     assert victim.wait(timeout=60) == -signal.SIGKILL, f"the run ended before it was killed: {seen} {victim.stderr.read()}"
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch"] == 1
     assert not (tmp_path / "never.safetensors").exists()
+    stale = tmp_path / "cut" / ".checkpoint.pt.k1ll3d.tmp"  # as a kill during a checkpoint write leaves
+    stale.write_bytes(b"half a checkpoint")
 
     resumed = subprocess.run([sys.executable, str(SCRIPT), "--run-dir", str(tmp_path / "cut"), "--out",
                               str(tmp_path / "resumed.safetensors"), *ARGS, "--resume"],
@@ -41,6 +43,7 @@ def test_sigkill_mid_epoch_then_resume_gives_bit_identical_weights(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert "done resumed_from=1" in resumed.stdout and resumed.stdout.count("epoch ") == 2
     assert whole.wait(timeout=120) == 0, whole.stderr.read()
+    assert not stale.exists()
 
     want, got = load_file(tmp_path / "whole.safetensors"), load_file(tmp_path / "resumed.safetensors")
     assert want.keys() == got.keys()
