@@ -44,14 +44,14 @@ def select_classes(labels: np.ndarray, names: Sequence[str], classes: Sequence[i
 
 
 class ArrayDataset(Dataset):
-    """Images held in one array (N, C, H, W); ``x`` is ``images[i] * scale`` as float32 (uint8
+    """Images held in one array (N, C, H, W); ``x`` is ``images[i] / divisor`` as float32 (uint8
     storage keeps CIFAR at a quarter of the memory)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], scale: float = 1.0):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], divisor: float = 1.0):
         if images.ndim != 4 or len(images) != len(labels):
             raise ValueError(f"images must be (N, C, H, W) with one label each, got {images.shape} and {len(labels)} labels")
         self._images = torch.from_numpy(np.ascontiguousarray(images))
-        self._scale = scale
+        self._divisor = divisor
         self.targets = [int(y) for y in labels]
         self.classes = classes
         self.in_channels = images.shape[1]
@@ -61,11 +61,11 @@ class ArrayDataset(Dataset):
         return len(self.targets)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self._images[i].to(torch.float32) * self._scale, self.targets[i]
+        return self._images[i].to(torch.float32) / self._divisor, self.targets[i]
 
 
 def array_dataset(images: np.ndarray, labels: np.ndarray, names: Sequence[str], *, part: np.ndarray,
-                  classes: Sequence[int] | None, scale: float) -> ArrayDataset:
+                  classes: Sequence[int] | None, divisor: float) -> ArrayDataset:
     """The dataset of the indices ``part`` of (images, labels), restricted to ``classes``."""
     kept, remapped, kept_names = select_classes(labels[part], names, classes)
-    return ArrayDataset(images[part[kept]], remapped, kept_names, scale)
+    return ArrayDataset(images[part[kept]], remapped, kept_names, divisor)

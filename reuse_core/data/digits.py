@@ -26,4 +26,4 @@ def digits(*, split: str = "train", seed: int = 0, classes: Sequence[int] | None
     check_split(split)
     images, labels = _arrays()
     part = stratified_split(labels, seed, FRACTIONS)[SPLITS.index(split)]
-    return array_dataset(images, labels, [str(i) for i in range(10)], part=part, classes=classes, scale=1 / 16)
+    return array_dataset(images, labels, [str(i) for i in range(10)], part=part, classes=classes, divisor=16)
