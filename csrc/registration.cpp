@@ -31,6 +31,17 @@ TORCH_LIBRARY(reuse_core, m) {
   m.def(
       "ensemble_average_backward(Tensor grad, Tensor[] members, Tensor weights, Tensor out, Tensor lse, "
       "int mode, bool stacked) -> (Tensor[], Tensor)");
+  // q (B, H, Lq, D), k and v (B, Hkv, Lk, D), H a multiple of Hkv; key_padding_mask (B, Lk) bool,
+  // True = ignore that key. Returns the output (B, H, Lq, D) and, for the backward, each row's
+  // softmax statistics (2, B, H, Lq) (float32, float64 for float64): the max score m and log of
+  // sum exp(s - m), kept apart so that exp(s - m - log l) stays exact for large scores; a row whose
+  // keys are all masked has m = +inf. The backward returns dq, dk, dv.
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, float scale) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor out, "
+      "Tensor stats, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
 }
 

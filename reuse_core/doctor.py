@@ -111,10 +111,35 @@ def check_ensemble_average(device: str) -> None:
             _close(f"{what} ({where})", got, want)
 
 
+def check_attention(device: str) -> None:
+    """Grouped-query heads, odd lengths, causal with Lq != Lk, a key padding mask with one batch
+    entry fully masked (zero output and gradients); output, dq, dk, dv."""
+    from reuse_core.ops import attention
+    from reuse_core.ops.reference import attention_reference
+
+    g = torch.Generator().manual_seed(2468)
+    B, H, Hkv, Lq, Lk, D = 2, 4, 2, 37, 70, 32
+    q0, k0, v0 = (torch.randn(B, h, n, D, generator=g) for h, n in ((H, Lq), (Hkv, Lk), (Hkv, Lk)))
+    up = torch.randn(B, H, Lq, D, generator=g)
+    mask = torch.rand(B, Lk, generator=g) < 0.3
+    mask[1] = True
+    for causal, m in ((True, None), (False, mask)):
+        results = []
+        for fn, dt, dev in ((attention, torch.float32, device), (attention_reference, torch.float64, "cpu")):
+            q, k, v = _leaf(q0, dev, dt), _leaf(k0, dev, dt), _leaf(v0, dev, dt)
+            y = fn(q, k, v, causal=causal, key_padding_mask=None if m is None else m.to(dev))
+            y.backward(up.to(dev, dt))
+            results.append((y, q.grad, k.grad, v.grad))
+        where = "causal" if causal else "key_padding_mask"
+        for what, got, want in zip(("output", "dq", "dk", "dv"), *results):
+            _close(f"{what} ({where})", got, want)
+
+
 #: op stem -> check(device): raises on a mismatch.
 CHECKS: dict[str, Callable[[str], None]] = {
     "distill_kl": check_distill_kl,
     "ensemble_average": check_ensemble_average,
+    "attention": check_attention,
 }
 
 

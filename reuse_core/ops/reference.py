@@ -86,3 +86,37 @@ def ensemble_average_reference(
     else:
         raise ValueError(f"mode must be 'logits', 'probs' or 'log_probs', got {mode!r}")
     return out.to(out_dtype)
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(scale * Q K^T + masks) V with the full (Lq, Lk) score matrix per head (the eager
+    math). q (B, H, Lq, D), k and v (B, Hkv, Lk, D), query head h reads key/value head
+    h // (H // Hkv); causal masks key j for query i when j > i; key_padding_mask (B, Lk), True =
+    ignore. A query whose keys are all masked gets zeros (and zero gradients)."""
+    dt = _math_dtype(q, k, v)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    group = H // k.shape[1]
+    kf = k.to(dt).repeat_interleave(group, dim=1)
+    vf = v.to(dt).repeat_interleave(group, dim=1)
+    s = torch.matmul(q.to(dt), kf.transpose(-2, -1)) * (D**-0.5 if scale is None else float(scale))
+    masked = torch.zeros((Lq, Lk), dtype=torch.bool, device=q.device)
+    if causal:
+        masked = torch.ones((Lq, Lk), dtype=torch.bool, device=q.device).triu(1)
+    masked = masked.expand(B, 1, Lq, Lk)
+    if key_padding_mask is not None:
+        masked = masked | key_padding_mask.to(torch.bool)[:, None, None, :]
+    # Rows with every key masked: softmax over finite zeros, then zeroed, so no NaN reaches
+    # either the output or the gradients.
+    empty = masked.all(-1, keepdim=True)
+    s = torch.where(masked & ~empty, -torch.inf, s)
+    p = torch.where(empty, 0.0, torch.softmax(s, dim=-1))
+    return torch.matmul(p, vf).to(q.dtype)

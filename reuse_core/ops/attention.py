@@ -1,0 +1,120 @@
+"""Fused scaled dot-product attention, flash-style on both backends (csrc/attention/): tiles and
+an online softmax, only the output and each row's softmax statistics kept for the backward, which
+recomputes the scores tile by tile. Memory grows with the sequence length, not its square."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _ext, _validate
+from .reference import attention_reference
+
+_DTYPES = {
+    "cpu": (torch.float32, torch.float64, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+}
+
+
+def _check(q, k, v, key_padding_mask, scale) -> float:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _validate.float_tensor(name, x)
+        if x.dim() != 4:
+            layout = "(B, H, Lq, D)" if name == "q" else "(B, Hkv, Lk, D)"
+            raise ValueError(f"{name} must be 4-D {layout}, got {x.dim()}-D with shape {tuple(x.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    B, H, _, D = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"k and v have batch size {k.shape[0]} but q has {B}")
+    if k.shape[3] != D:
+        raise ValueError(f"k and v have head dim {k.shape[3]} but q has {D}; they must match")
+    if D == 0:
+        raise ValueError("the head dim D must be > 0")
+    if k.shape[1] == 0 or H % k.shape[1] != 0:
+        raise ValueError(f"the query heads H={H} must be a multiple of the key/value heads Hkv={k.shape[1]}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _validate.same_device("k", k, "q", q)
+    _validate.same_device("v", v, "q", q)
+    allowed = _DTYPES.get(q.device.type)
+    if allowed is not None and q.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TypeError(f"attention on {q.device.type} takes {names}; got {q.dtype}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError("key_padding_mask must be a bool tensor (True = ignore that key), got "
+                            f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
+        if key_padding_mask.shape != (B, k.shape[2]):
+            raise ValueError(f"key_padding_mask must have shape (B, Lk) = {(B, k.shape[2])}, "
+                             f"got {tuple(key_padding_mask.shape)}")
+        _validate.same_device("key_padding_mask", key_padding_mask, "q", q)
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    try:
+        s = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"scale must be a number, got {type(scale).__name__}") from None
+    if not math.isfinite(s):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return s
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``softmax(scale * q @ k^T + masks) @ v`` per head, as ``F.scaled_dot_product_attention``.
+
+    q: (B, H, Lq, D); k, v: (B, Hkv, Lk, D) with H a multiple of Hkv (grouped-query attention:
+    query head h reads key/value head h // (H // Hkv), as SDPA's ``enable_gqa``). Lq may differ
+    from Lk. ``causal`` masks key j for query i when j > i (top-left alignment, as SDPA's
+    ``is_causal``). ``scale`` defaults to 1/sqrt(D). ``key_padding_mask``: (B, Lk) bool, True =
+    ignore that key (``nn.MultiheadAttention``'s convention).
+
+    Returns (B, H, Lq, D) in the input dtype. A query whose keys are all masked gets a zero
+    output and zero gradients. dtypes: float32, float64, bfloat16 on the CPU; float32, float16,
+    bfloat16 on CUDA; the math runs in float32 (float64 for float64).
+    """
+    s = _check(q, k, v, key_padding_mask, scale)
+    if not _ext.use_kernel("attention", q.device):
+        return attention_reference(q, k, v, causal=causal, scale=s, key_padding_mask=key_padding_mask)
+    out, _ = torch.ops.reuse_core.attention(q, k, v, key_padding_mask, bool(causal), s)
+    return out
+
+
+if _ext.available():
+
+    @torch.library.register_fake("reuse_core::attention")
+    def _attention_fake(q, k, v, key_padding_mask, causal, scale):
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return q.new_empty(q.shape), q.new_empty((2,) + tuple(q.shape[:3]), dtype=acc)
+
+    @torch.library.register_fake("reuse_core::attention_backward")
+    def _attention_backward_fake(grad, q, k, v, key_padding_mask, out, stats, causal, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, key_padding_mask, causal, scale = inputs
+        out, stats = output
+        ctx.save_for_backward(q, k, v, key_padding_mask, out, stats)
+        ctx.causal, ctx.scale = causal, scale
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)
+
+    def _backward(ctx, grad_out, _grad_stats):
+        q, k, v, key_padding_mask, out, stats = ctx.saved_tensors
+        if grad_out is None:  # the output took no part in the loss
+            return None, None, None, None, None, None
+        dq, dk, dv = torch.ops.reuse_core.attention_backward(
+            grad_out, q, k, v, key_padding_mask, out, stats, ctx.causal, ctx.scale
+        )
+        need = ctx.needs_input_grad
+        return dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, None, None, None
+
+    torch.library.register_autograd("reuse_core::attention", _backward, setup_context=_setup_context)

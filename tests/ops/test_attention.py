@@ -1,0 +1,378 @@
+"""reuse_core.ops.attention / torch.ops.reuse_core.attention(_backward) against the float64
+reference: forward and dq/dk/dv per dtype and code path, gradcheck, opcheck, torch.compile,
+hypothesis shapes, masks (fully masked rows included), extreme values, layouts, bad input."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from reuse_core.ops import attention
+from reuse_core.ops.reference import attention_reference
+
+from ..conftest import (
+    HAS_CUDA, LOW_PRECISION, NO_CUDA_REASON, assert_all, assert_close_to_ref, device_params, dispatched, randn,
+    require_kernel, target_params, use_target,
+)
+
+OP, BWD = "attention", "attention_backward"
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+def make_inputs(gen, B, H, Hkv, Lq, Lk, D, *, dtype=torch.float32, device="cpu", scale=1.0):
+    q = randn((B, H, Lq, D), gen, dtype=dtype, device=device, scale=scale)
+    k = randn((B, Hkv, Lk, D), gen, dtype=dtype, device=device, scale=scale)
+    v = randn((B, Hkv, Lk, D), gen, dtype=dtype, device=device)
+    return q, k, v
+
+
+def make_mask(gen, B, Lk, *, frac=0.3, device="cpu", all_masked_batch=None):
+    m = torch.rand((B, Lk), generator=gen) < frac
+    if all_masked_batch is not None:
+        m[all_masked_batch] = True
+    return m.to(device)
+
+
+def same_dtype_math(q, k, v, *, causal=False, scale=None, key_padding_mask=None):
+    """PyTorch's eager math in the inputs' own dtype (no upcast): the yardstick for 16-bit
+    results (at most twice its error against float64)."""
+    group = q.shape[1] // k.shape[1]
+    kf, vf = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = torch.matmul(q, kf.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    Lq, Lk = s.shape[-2:]
+    masked = torch.ones((Lq, Lk), dtype=torch.bool, device=q.device).triu(1) if causal else \
+        torch.zeros((Lq, Lk), dtype=torch.bool, device=q.device)
+    masked = masked.expand(q.shape[0], 1, Lq, Lk)
+    if key_padding_mask is not None:
+        masked = masked | key_padding_mask[:, None, None, :]
+    empty = masked.all(-1, keepdim=True)
+    p = torch.where(empty, 0.0, torch.softmax(torch.where(masked & ~empty, -torch.inf, s), -1))
+    return torch.matmul(p.to(q.dtype), vf)
+
+
+def fwd_bwd(fn, q, k, v, g, dtype=None, **kw):
+    """Output and (dq, dk, dv) of fn on leaf copies (cast to dtype when given)."""
+    leaves = [x.detach().to(dtype or x.dtype).requires_grad_() for x in (q, k, v)]
+    out = fn(*leaves, **kw)
+    out.backward(g.to(out.dtype))
+    return [out.detach()] + [x.grad for x in leaves]
+
+
+NAMES = ("output", "dq", "dk", "dv")
+
+
+def floors(q, k, v, g):
+    """Per result, a lower bound for its scale: dq and dk are sums of P * (dP - D_i) terms that
+    cancel (to exactly 0 when a query sees one key), so their size is that of the terms."""
+    mx = [float(x.detach().abs().double().max()) if x.numel() else 0.0 for x in (q, k, v, g)]
+    terms = mx[3] * mx[2] * max(mx[0], mx[1])
+    return 0.0, terms, terms, 0.0
+
+# name: (B, H, Hkv, Lq, Lk, D, causal, masked)
+CONFIGS = {
+    "self-d64": (2, 4, 4, 97, 97, 64, False, False),
+    "causal-gqa-d32": (2, 6, 2, 131, 131, 32, True, False),
+    "cross-mask-d128": (2, 2, 1, 45, 300, 128, False, True),
+    "causal-lq-gt-lk-mask": (1, 4, 2, 300, 70, 40, True, True),
+    "causal-lq-lt-lk": (2, 2, 2, 33, 280, 17, True, False),
+    "lk1": (3, 2, 1, 9, 1, 8, False, False),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("target,dtype", target_params())
+def test_matches_reference(target, dtype, config, gen, monkeypatch):
+    device = use_target(target, monkeypatch)
+    B, H, Hkv, Lq, Lk, D, causal, masked = CONFIGS[config]
+    q, k, v = make_inputs(gen, B, H, Hkv, Lq, Lk, D, dtype=dtype, device=device)
+    g = randn((B, H, Lq, D), gen, dtype=dtype, device=device)
+    mask = make_mask(gen, B, Lk, device=device) if masked else None
+    kw = dict(causal=causal, key_padding_mask=mask)
+    with dispatched(OP, BWD, device=device):
+        got = fwd_bwd(attention, q, k, v, g, **kw)
+    ref = fwd_bwd(attention_reference, q, k, v, g, torch.float64, **kw)
+    same = fwd_bwd(same_dtype_math, q, k, v, g, **kw) if dtype in LOW_PRECISION else [None] * 4
+    for name, a, r, s, x, fl in zip(NAMES, got, ref, same, (q, q, k, v), floors(q, k, v, g)):
+        assert a.shape == x.shape and a.dtype == dtype, f"{name}: {tuple(a.shape)} {a.dtype}"
+        assert_close_to_ref(a, r, dtype=dtype, same_dtype_ref=s, name=name, scale_floor=fl)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("target,dtype", target_params())
+def test_matches_sdpa(target, dtype, causal, gen, monkeypatch):
+    """Same numbers as torch's own SDPA (enable_gqa, is_causal, scale) at a larger size."""
+    device = use_target(target, monkeypatch)
+    q, k, v = make_inputs(gen, 2, 4, 2, 300, 300, 64, dtype=dtype, device=device)
+    with dispatched(OP, device=device):
+        out = attention(q, k, v, causal=causal, scale=0.1)
+    ref = attention_reference(q.double(), k.double(), v.double(), causal=causal, scale=0.1)
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=0.1, enable_gqa=True)
+    assert_close_to_ref(out, ref, dtype=dtype, same_dtype_ref=sdpa if dtype in LOW_PRECISION else None)
+
+
+# --------------------------------------------------------------------------------------------
+# gradcheck, opcheck, torch.compile
+# --------------------------------------------------------------------------------------------
+
+GRADCHECK = [
+    pytest.param(2, 2, 5, 7, 4, False, False, id="full"),
+    pytest.param(4, 2, 6, 3, 3, True, False, id="causal-gqa"),
+    pytest.param(2, 1, 4, 6, 5, True, True, id="causal-mask-gqa"),
+]
+
+
+@pytest.mark.parametrize("H,Hkv,Lq,Lk,D,causal,masked", GRADCHECK)
+def test_gradcheck(H, Hkv, Lq, Lk, D, causal, masked, gen):
+    require_kernel(OP, "cpu")
+    q, k, v = (x.requires_grad_() for x in make_inputs(gen, 2, H, Hkv, Lq, Lk, D, dtype=torch.float64))
+    mask = make_mask(gen, 2, Lk, frac=0.4) if masked else None
+    if mask is not None:
+        mask[0, 0] = False  # keep one query with keys, whatever the draw
+    with dispatched(OP, BWD):
+        assert torch.autograd.gradcheck(
+            lambda a, b, c: attention(a, b, c, causal=causal, scale=0.7, key_padding_mask=mask), (q, k, v),
+            eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("device", device_params())
+def test_opcheck(device, masked, gen):
+    require_kernel(OP, device)
+    q, k, v = (x.requires_grad_() for x in make_inputs(gen, 2, 4, 2, 9, 11, 16, device=device))
+    mask = make_mask(gen, 2, 11, device=device) if masked else None
+    torch.library.opcheck(torch.ops.reuse_core.attention.default, (q, k, v, mask, True, 0.25))
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_opcheck_backward_op(device, gen):
+    """The backward kernel is a registered op of its own: schema and fake kernel."""
+    require_kernel(BWD, device)
+    q, k, v = make_inputs(gen, 2, 4, 2, 9, 11, 16, device=device)
+    mask = make_mask(gen, 2, 11, device=device)
+    out, stats = torch.ops.reuse_core.attention(q, k, v, mask, False, 0.25)
+    g = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.reuse_core.attention_backward.default, (g, q, k, v, mask, out, stats, False, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))  # no autograd of a backward
+
+
+def _compile_fn(q, k, v, mask):
+    a = attention(q, k, v, causal=True)
+    b = attention(q, k, v, key_padding_mask=mask, scale=0.3)
+    return (a * a).sum() + (b * b.detach()).sum() * 2.0
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("device", device_params())
+def test_compile_fullgraph(device, backend, gen):
+    q, k, v = make_inputs(gen, 2, 4, 2, 37, 37, 32, device=device)
+    mask = make_mask(gen, 2, 37, device=device)
+    out = {}
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(force_disable_caches=True):
+        compiled = torch.compile(_compile_fn, backend=backend, fullgraph=True)
+        compiled(*[x.clone().requires_grad_() for x in (q, k, v)], mask).backward()  # compile outside the profiler
+        for name, fn in (("eager", _compile_fn), ("compiled", compiled)):
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            with dispatched(OP, BWD, device=device):
+                y = fn(*leaves, mask)
+                y.backward()
+            out[name] = [y.detach()] + [x.grad for x in leaves]
+    torch._dynamo.reset()
+    for name, e, c in zip(("loss", "dq", "dk", "dv"), out["eager"], out["compiled"]):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# --------------------------------------------------------------------------------------------
+# hypothesis: shapes, GQA ratios, masks, layouts
+# --------------------------------------------------------------------------------------------
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    B=st.integers(1, 3),
+    Hkv=st.integers(1, 3),
+    group=st.sampled_from([1, 2, 3]),
+    Lq=st.sampled_from([1, 2, 7, 64, 65, 129]),
+    Lk=st.sampled_from([1, 3, 64, 100, 257, 300]),
+    D=st.sampled_from([1, 5, 32, 64, 80, 128]),
+    causal=st.booleans(),
+    masked=st.booleans(),
+    transposed=st.booleans(),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    seed=st.integers(0, 2**32 - 1),
+)
+@pytest.mark.parametrize("device", device_params())
+def test_hypothesis_shapes(device, B, Hkv, group, Lq, Lk, D, causal, masked, transposed, dtype, seed):
+    require_kernel(OP, device)
+    if device == "cuda" and dtype == torch.float64:  # no float64 kernel on CUDA (by design)
+        dtype = torch.float32
+    gen = torch.Generator().manual_seed(seed)
+    H = Hkv * group
+    q, k, v = make_inputs(gen, B, H, Hkv, Lq, Lk, D, dtype=dtype, device=device)
+    if transposed:  # (B, L, H, D) storage seen as (B, H, L, D), as a projection produces it
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    mask = make_mask(gen, B, Lk, frac=0.5, device=device) if masked else None
+    g = randn((B, H, Lq, D), gen, dtype=dtype, device=device)
+    got = fwd_bwd(attention, q, k, v, g, causal=causal, key_padding_mask=mask)
+    ref = fwd_bwd(attention_reference, q, k, v, g, torch.float64, causal=causal, key_padding_mask=mask)
+    for name, a, r, fl in zip(NAMES, got, ref, floors(q, k, v, g)):
+        assert_close_to_ref(a, r, dtype=dtype, name=name, scale_floor=fl)
+
+
+# --------------------------------------------------------------------------------------------
+# masks, extreme values, layouts, empty inputs
+# --------------------------------------------------------------------------------------------
+
+EDGE_TARGETS = target_params(cpu_dtypes=(torch.float32, torch.bfloat16))
+
+
+@pytest.mark.parametrize("target,dtype", EDGE_TARGETS)
+def test_fully_masked_rows(target, dtype, gen, monkeypatch):
+    """A query whose keys are all masked: zero output, zero gradients, never NaN; the other
+    rows are unaffected."""
+    device = use_target(target, monkeypatch)
+    B, H, Lq, Lk, D = 3, 2, 20, 300, 32
+    q, k, v = make_inputs(gen, B, H, H, Lq, Lk, D, dtype=dtype, device=device)
+    mask = make_mask(gen, B, Lk, frac=0.5, device=device, all_masked_batch=1)
+    g = randn((B, H, Lq, D), gen, dtype=dtype, device=device)
+    out, dq, dk, dv = fwd_bwd(attention, q, k, v, g, key_padding_mask=mask)
+    for name, x in zip(NAMES, (out, dq, dk, dv)):
+        assert_all(torch.isfinite(x), f"{name} finite", x)
+    for name, x in (("output", out[1]), ("dq", dq[1]), ("dk", dk[1]), ("dv", dv[1])):
+        assert_all(x == 0, f"{name} of the fully masked batch entry is 0", x)
+    m = mask.cpu()[:, None, :, None].expand(B, H, Lk, D)
+    assert_all(dk.cpu()[m] == 0, "dk of masked keys is 0", dk.cpu()[m])
+    assert_all(dv.cpu()[m] == 0, "dv of masked keys is 0", dv.cpu()[m])
+    ref = fwd_bwd(attention_reference, q, k, v, g, torch.float64, key_padding_mask=mask)
+    same = fwd_bwd(same_dtype_math, q, k, v, g, key_padding_mask=mask) if dtype in LOW_PRECISION else [None] * 4
+    for name, a, r, s in zip(NAMES, (out, dq, dk, dv), ref, same):
+        assert_close_to_ref(a, r, dtype=dtype, same_dtype_ref=s, name=name)
+
+
+@pytest.mark.parametrize("magnitude", [30.0, 1e3])
+@pytest.mark.parametrize("target,dtype", EDGE_TARGETS)
+def test_large_magnitude(target, dtype, magnitude, gen, monkeypatch):
+    """Scores of |s| up to ~1e6 (a one-hot softmax): finite, and as accurate as PyTorch's own
+    float32 math (the 1e-5 float32 tolerance is out of reach of any float32 evaluation there)."""
+    device = use_target(target, monkeypatch)
+    q, k, v = make_inputs(gen, 2, 2, 2, 50, 70, 32, dtype=dtype, device=device, scale=magnitude)
+    g = randn((2, 2, 50, 32), gen, dtype=dtype, device=device)
+    got = fwd_bwd(attention, q, k, v, g, causal=True)
+    ref = fwd_bwd(attention_reference, q, k, v, g, torch.float64, causal=True)
+    same = fwd_bwd(same_dtype_math, q, k, v, g, causal=True)
+    for name, a, r, s, fl in zip(NAMES, got, ref, same, floors(q, k, v, g)):
+        assert_close_to_ref(a, r, dtype=dtype, same_dtype_ref=s, name=name, f32_as_torch=True, scale_floor=fl)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_non_contiguous_inputs(device, gen):
+    """Transposed (B, L, H, D) projections, a sliced head dim, an expanded key/value head."""
+    B, H, L, D = 2, 4, 33, 16
+    base = randn((B, L, H, 2 * D), gen, device=device)
+    q = base[..., ::2].transpose(1, 2)
+    k = randn((B, L, 1, D), gen, device=device).transpose(1, 2).expand(B, 2, L, D)
+    v = randn((B, 2, L, D), gen, device=device)
+    assert not (q.is_contiguous() or k.is_contiguous())
+    g = randn((B, H, L, D), gen, device=device).transpose(2, 3).contiguous().transpose(2, 3)
+    with dispatched(OP, BWD, device=device):
+        got = fwd_bwd(attention, q, k, v, g, causal=True)
+    ref = fwd_bwd(attention_reference, q, k, v, g, torch.float64, causal=True)
+    for name, a, r in zip(NAMES, got, ref):
+        assert_close_to_ref(a, r, dtype=torch.float32, name=name)
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 2, 5, 7, 8), (2, 2, 1, 0, 7, 8), (2, 2, 2, 6, 0, 8)],
+                         ids=["B=0", "Lq=0", "Lk=0"])
+@pytest.mark.parametrize("device", device_params())
+def test_empty(device, shape, gen):
+    """Empty batch or query length: empty results. No keys at all: every row fully masked."""
+    B, H, Hkv, Lq, Lk, D = shape
+    q, k, v = (x.requires_grad_() for x in make_inputs(gen, B, H, Hkv, Lq, Lk, D, device=device))
+    out = attention(q, k, v)
+    assert out.shape == (B, H, Lq, D)
+    out.backward(torch.ones_like(out))
+    for name, x in zip(NAMES, (out, q.grad, k.grad, v.grad)):
+        assert_all(x == 0, f"{name} is 0", x)
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------------
+
+def _qkv(gen, B=2, H=4, Hkv=2, L=5, D=8, dtype=torch.float32):
+    return make_inputs(gen, B, H, Hkv, L, L, D, dtype=dtype)
+
+
+def test_bad_rank(gen):
+    q, k, v = _qkv(gen)
+    with pytest.raises(ValueError, match=r"q must be 4-D"):
+        attention(q[0], k, v)
+    with pytest.raises(ValueError, match=r"k must be 4-D"):
+        attention(q, k[None], v)
+    with pytest.raises(ValueError, match=r"v must have the shape of k"):
+        attention(q, k, v[:, :, :3])
+
+
+def test_bad_heads_and_dims(gen):
+    q, k, v = _qkv(gen)
+    with pytest.raises(ValueError, match=r"head dim 7 but q has 8"):
+        attention(q, k[..., :7], v[..., :7])
+    with pytest.raises(ValueError, match=r"H=4 must be a multiple of the key/value heads Hkv=3"):
+        attention(q, *_qkv(gen, H=3, Hkv=3)[1:])
+    with pytest.raises(ValueError, match=r"batch size"):
+        attention(q, k[:1], v[:1])
+
+
+def test_bad_mask(gen):
+    q, k, v = _qkv(gen)
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, Lk\) = \(2, 5\)"):
+        attention(q, k, v, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"key_padding_mask must be a bool tensor"):
+        attention(q, k, v, key_padding_mask=torch.zeros(2, 5))
+
+
+def test_bad_dtypes_and_devices(gen):
+    q, k, v = _qkv(gen)
+    with pytest.raises(TypeError, match=r"share a dtype"):
+        attention(q, k.double(), v)
+    with pytest.raises(TypeError, match=r"q must be a floating-point tensor"):
+        attention(q.int(), k, v)
+    with pytest.raises(TypeError, match=r"attention on cpu takes float32, float64, bfloat16"):
+        attention(q.half(), k.half(), v.half())
+    with pytest.raises(ValueError, match=r"k is on meta but q is on cpu"):
+        attention(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match=r"key_padding_mask is on meta"):
+        attention(q, k, v, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match=r"scale must be finite"):
+        attention(q, k, v, scale=math.inf)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.cuda
+def test_device_mismatch_cuda(gen):
+    q, k, v = _qkv(gen)
+    with pytest.raises(ValueError, match=r"k is on cpu but q is on cuda"):
+        attention(q.cuda(), k, v.cuda())
+
+
+def test_raw_op_checks(gen):
+    """The C++ checks guard direct torch.ops callers with errors naming the argument."""
+    q, k, v = _qkv(gen)
+    op = torch.ops.reuse_core.attention
+    with pytest.raises(RuntimeError, match="q must be 4-D"):
+        op(q[0], k, v, None, False, 1.0)
+    with pytest.raises(RuntimeError, match="multiple of the key/value heads"):
+        op(q[:, :3], k, v, None, False, 1.0)
+    with pytest.raises(RuntimeError, match="key_padding_mask must have shape"):
+        op(q, k, v, torch.zeros(2, 3, dtype=torch.bool), False, 1.0)
+    with pytest.raises(RuntimeError, match="float32, float64 or bfloat16"):
+        op(q.half(), k.half(), v.half(), None, False, 1.0)
+    out, stats = op(q, k, v, None, False, 1.0)
+    with pytest.raises(RuntimeError, match="stats must have shape"):
+        torch.ops.reuse_core.attention_backward(out, q, k, v, None, out, stats[0], False, 1.0)
