@@ -346,16 +346,23 @@ class ModelStore:
                          config: dict, classes: list[str] | int | None, name: str | None) -> ModelRecord:
         from reuse_core import backbone as backbones
 
+        config = dict(config)
+        in_channels = int(config.pop("in_channels", 3))
+
         def build(num_classes: int) -> torch.nn.Module:
             try:
-                return backbones.build(backbone, num_classes, in_channels, **config)
+                try:
+                    with torch.device("meta"):  # shapes only: no memory, no initialisation
+                        return backbones.build(backbone, num_classes, in_channels, **config)
+                except KeyError:
+                    raise
+                except Exception:  # a factory that cannot build on the meta device builds for real
+                    return backbones.build(backbone, num_classes, in_channels, **config)
             except KeyError as e:  # the registry's UnknownNameError, which names close matches
                 raise StoreError(f"{path}: {e.args[0] if e.args else e}") from None
             except (TypeError, ValueError) as e:
                 raise StoreError(f"{path}: cannot build backbone {backbone!r} with {config}: {e}") from None
 
-        config = dict(config)
-        in_channels = int(config.pop("in_channels", 3))
         if isinstance(classes, int):
             names = [str(i) for i in range(classes)]
         elif classes is not None:
@@ -367,14 +374,21 @@ class ModelStore:
                 raise StoreError(f"{path}: no {head}.weight (the {backbone} head) to count the classes by; "
                                  "give them (--classes)")
             names = [str(i) for i in range(weight.shape[0])]
-        model = build(len(names))
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise StoreError(f"{path}: these weights do not fit backbone {backbone!r} with {len(names)} classes "
-                             f"and {in_channels} input channels:\n{e}") from None
+        want = {k: v.shape for k, v in build(len(names)).state_dict().items()}
+        # BatchNorm fills in a missing num_batches_tracked itself (checkpoints older than PyTorch 0.4.1)
+        problems = {
+            "missing": [k for k in want if k not in state and not k.endswith("num_batches_tracked")],
+            "unexpected": [k for k in state if k not in want],
+            "wrong shape": [f"{k} {tuple(state[k].shape)} (the backbone has {tuple(want[k])})"
+                            for k in want if k in state and state[k].shape != want[k]],
+        }
+        if any(problems.values()):
+            detail = "; ".join(f"{len(v)} {what}: {', '.join(v[:4])}{', ...' if len(v) > 4 else ''}"
+                               for what, v in problems.items() if v)
+            raise StoreError(f"{path}: these weights do not fit backbone {backbone!r} with {len(names)} classes and "
+                             f"{in_channels} input channels ({detail})")
         source = {"source": str(path.resolve()), "format": fmt, "source_sha256": _sha256(path.read_bytes())}
-        return self.save(model.state_dict(), backbone=backbone, config={"in_channels": in_channels, **config},
+        return self.save(state, backbone=backbone, config={"in_channels": in_channels, **config},
                          dataset=None, classes=names, metrics={}, parents=[], strategy="import", options=source,
                          name=name or path.stem)
 

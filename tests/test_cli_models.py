@@ -126,3 +126,22 @@ def test_the_console_entry_runs_the_verb(tmp_path):
     r = subprocess.run([sys.executable, "-m", "reuse_core", "models", "list"], capture_output=True, text=True,
                        env=env, timeout=120)
     assert r.returncode == 0 and f"no models in {tmp_path / 'empty'}" in r.stdout
+
+
+def test_import_external_weights_for_a_backbone(capsys, tmp_path):
+    from reuse_core.backbone import build
+
+    state = build("small-cnn", 4, in_channels=1).state_dict()
+    path = tmp_path / "cnn.pt"
+    torch.save(state, path)
+    store = str(tmp_path / "store")
+    code, out, _ = reuse(capsys, "models", "--store", store, "import", str(path), "--backbone", "small-cnn",
+                         "--config", "in_channels=1", "--classes", "zero,one,two,three", "--name", "mine", "--json")
+    assert code == 0, out
+    m = json.loads(out)
+    assert m["classes"] == ["zero", "one", "two", "three"] and m["config"] == {"in_channels": 1}
+    assert m["name"] == "mine" and m["lineage"]["strategy"] == "import"
+    code, _, err = reuse(capsys, "models", "--store", store, "import", str(path), "--backbone", "small-cnn")
+    assert code == 1 and "do not fit backbone 'small-cnn'" in err and "3 input channels" in err
+    code, _, err = reuse(capsys, "models", "--store", store, "import", str(path), "--config", "oops")
+    assert code == 1 and "--config takes KEY=VALUE" in err

@@ -173,3 +173,79 @@ def test_default_root_follows_the_environment(monkeypatch, tmp_path):
     assert default_root() == tmp_path / "home" / ".cache" / "reuse-core" / "store"
     monkeypatch.setenv("REUSE_CORE_STORE", str(tmp_path / "mine"))
     assert ModelStore().root == tmp_path / "mine"
+
+
+# ------------------------------------------------------------------ external weights
+
+
+class NotWeights:
+    """Pickled inside a .pt file, this is code the store must refuse to unpickle."""
+
+
+def torchvision_state(name: str, num_classes: int) -> dict[str, torch.Tensor]:
+    import torchvision
+
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)(num_classes=num_classes).state_dict()
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_import_a_torchvision_state_dict_saved_with_torch_save(store, tmp_path):
+    state = torchvision_state("resnet18", 10)
+    path = tmp_path / "resnet18-mine.pth"
+    torch.save(state, path)
+    rec = store.import_(path, backbone="resnet18")
+    m = rec.manifest
+    assert m["backbone"] == "resnet18" and m["classes"] == [str(i) for i in range(10)] and m["dataset"] is None
+    assert m["config"] == {"in_channels": 3} and m["name"] == "resnet18-mine"
+    assert m["lineage"]["parents"] == [] and m["lineage"]["strategy"] == "import"
+    assert m["lineage"]["options"]["format"] == "torch" and m["lineage"]["options"]["source"] == str(path)
+    loaded, _ = store.load(rec.id)
+    assert same_weights(loaded, state)
+
+    # the imported weights are the root of a lineage
+    child = store.save(net(), backbone="mlp", config={}, dataset="digits", classes=m["classes"],
+                       metrics={}, parents=[rec.id], strategy="distill", options={})
+    assert format_lineage(store.lineage(child.id)).splitlines()[0].startswith(f"import     {rec.id}  resnet18-mine")
+
+    with pytest.raises(StoreError, match=r"do not fit backbone 'resnet34' with 10 classes and 3 input channels "
+                                         r"\(80 missing: layer1.2.conv1.weight, .*, \.\.\.\)"):
+        store.import_(path, backbone="resnet34")
+    with pytest.raises(StoreError, match="need the backbone they belong to"):
+        store.import_(path)
+    with pytest.raises(StoreError, match="unknown backbone 'resnet19'"):
+        store.import_(path, backbone="resnet19")
+
+
+def test_import_torchvision_weights_from_safetensors_and_wrapped_state_dicts(store, tmp_path):
+    from safetensors.torch import save_file
+
+    state = torchvision_state("mobilenet_v3_small", 5)
+    st = tmp_path / "mnv3.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, st)
+    rec = store.import_(st, backbone="mobilenet_v3_small", classes=["a", "b", "c", "d", "e"], name="mnv3")
+    assert rec.manifest["classes"] == ["a", "b", "c", "d", "e"] and rec.manifest["lineage"]["options"]["format"] == \
+        "safetensors"
+    assert same_weights(store.load("mnv3")[0], state)
+
+    # Lightning/timm-style {"state_dict": ...} with DDP's "module." prefixes
+    wrapped = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, wrapped)
+    assert same_weights(store.load(store.import_(wrapped, backbone="mobilenet_v3_small").id)[0], state)
+
+    with pytest.raises(StoreError, match="with 4 classes"):
+        store.import_(st, backbone="mobilenet_v3_small", classes=4)
+
+
+def test_a_pt_file_holding_code_is_refused_not_run(store, tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(2), "payload": NotWeights()}, path)
+    with pytest.raises(StoreError, match=r"weights_only=True"):
+        store.import_(path, backbone="resnet18")
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(StoreError, match="unknown format"):
+        store.import_(tmp_path / "notes.txt", backbone="resnet18")
+    assert store.list() == []
