@@ -13,6 +13,7 @@ import functools
 from torch import nn
 
 from reuse_core.backbone import BackboneError, InputSizeCheck
+from reuse_core.builtin.attention_backbone import vit_tiny
 from reuse_core.hookspecs import hookimpl
 
 
@@ -200,3 +201,6 @@ def reuse_register_backbones(registry):
                  family="small-cnn", min_input_size=2, fixed_input_size=False)
     for name, description, meta in torchvision_entries():
         registry.add(name, functools.partial(build_torchvision, name), description=description, **meta)
+    registry.add("vit-tiny", vit_tiny, description="a small vision transformer on the fused attention kernel, any image "
+                 "size and channel count; config dim, depth, heads, patch_size or image_size", family="vit",
+                 min_input_size=None, fixed_input_size=False)
