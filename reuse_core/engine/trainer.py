@@ -154,7 +154,9 @@ def fit(model: torch.nn.Module, train_data: Dataset, val_data: Dataset | DataLoa
     Every epoch ends with a checkpoint (``run_dir/checkpoint.pt``, written atomically) and a line
     in ``run_dir/metrics.jsonl``. ``resume=True`` continues after the last finished epoch of the
     checkpoint in ``run_dir`` (a fresh run when there is none) and ends with the weights of an
-    uninterrupted run with the same seed: bit-identical on the CPU.
+    uninterrupted run with the same seed: bit-identical on the CPU. It refuses a checkpoint made
+    with another config (other epochs included: the schedule would differ). ``fit`` seeds Python,
+    NumPy and torch with ``config.seed`` first, so build the model (its initial weights) before.
 
     ``hooks``: the lifecycle relay (reuse_run_start, reuse_epoch_end, reuse_run_end on the main
     process; reuse_adjust_loss on every batch, its non-None returns added to the loss), called
