@@ -142,7 +142,7 @@ VERBS: list[Verb] = [
 
 
 # Modules that define a VERBS list of their own, in the order `reuse --help` lists them.
-VERB_MODULES: tuple[str, ...] = ("reuse_core.cli_models",)
+VERB_MODULES: tuple[str, ...] = ("reuse_core.cli_models", "reuse_core.cli_plugins")
 
 
 def all_verbs() -> list[Verb]:
