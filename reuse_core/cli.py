@@ -18,6 +18,7 @@ contenders, per case:
   eager    the pure-PyTorch reference, same math (reuse_core.ops.reference)
   compile  torch.compile(reference, dynamic=False), compiled and warmed up before timing
   floor    distill_kl fwd+bwd only: torch.add(s, t), read two inputs and write one fresh tensor
+  sdpa     attention only: torch.nn.functional.scaled_dot_product_attention (GFLOP/s and x sdpa)
 
 Timed as a user calls the op: `loss = op(...); loss.backward()` (fwd+bwd) or `op(...)` (fwd),
 gradients allocated by the call, default environment. Each repeat runs every contender once,
@@ -142,7 +143,7 @@ VERBS: list[Verb] = [
 
 
 # Modules that define a VERBS list of their own, in the order `reuse --help` lists them.
-VERB_MODULES: tuple[str, ...] = ("reuse_core.cli_models", "reuse_core.cli_plugins")
+VERB_MODULES: tuple[str, ...] = ("reuse_core.cli_models", "reuse_core.cli_plugins", "reuse_core.cli_run")
 
 
 def all_verbs() -> list[Verb]:

@@ -30,6 +30,7 @@ DISABLE_AUTOLOAD_ENV = "REUSE_CORE_DISABLE_PLUGIN_AUTOLOAD"
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "reuse_core.builtin.backbones",
     "reuse_core.builtin.datasets",
+    "reuse_core.builtin.strategies",
 )
 
 REGISTER_HOOKS = {

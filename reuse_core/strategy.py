@@ -111,10 +111,12 @@ class Option:
 @dataclass
 class StrategyResult:
     """What a run returns: its metrics and the store IDs of the models it saved (the last one is the
-    run's main product, the one later recipe steps refer to)."""
+    run's main product, the one later recipe steps refer to). :func:`reuse_core.run` fills in
+    ``run_dir``, the run directory it ran in."""
 
     metrics: dict = field(default_factory=dict)
     models: list[str] = field(default_factory=list)
+    run_dir: str | None = None
 
     @property
     def model(self) -> str | None:

@@ -1,0 +1,15 @@
+"""The built-in strategies, registered as a plugin exactly as a third-party one would be."""
+from __future__ import annotations
+
+from reuse_core import hookimpl
+from reuse_core.builtin.strategies.distill import DISTILL
+from reuse_core.builtin.strategies.finetune import FINETUNE
+from reuse_core.builtin.strategies.pretrain import PRETRAIN
+
+STRATEGIES = (PRETRAIN, FINETUNE, DISTILL)
+
+
+@hookimpl
+def reuse_register_strategies(registry) -> None:
+    for s in STRATEGIES:
+        registry.add(s.name, s, description=s.description)

@@ -1,0 +1,178 @@
+"""``distill``: Hinton knowledge distillation from a stored teacher into a fresh student backbone,
+through the fused :func:`reuse_core.ops.distill_kl_loss`.
+
+The teacher runs in eval mode without grad. With ``cache_teacher`` its logits for the training set
+are computed once, saved in the run directory and looked up by example index each batch (the
+engine shuffles; no augmentation is applied to the cached inputs). With a ``label_budget`` only
+that many examples per class carry a label for the cross-entropy term; the distillation term uses
+every training example, so the teacher labels the rest.
+
+:func:`distill` takes the teacher as any callable from inputs to logits (a model, an ensemble), so
+other strategies can distill from what they build.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from reuse_core.builtin.strategies.common import (
+    NAME_OPTION, backbone_options, budget_indices, data_options, fit, load_splits, parse_classes, parse_config, save,
+    train_options,
+)
+from reuse_core.strategy import Option, OptionError, Strategy, StrategyResult, non_negative, positive
+
+Teacher = Callable[[torch.Tensor], torch.Tensor]
+CACHE_FILE = "teacher_logits.pt"
+
+
+class IndexedSplit(Dataset):
+    """The training split, remembering which examples the engine's loader fetched, in order.
+
+    The engine loads in this process (``num_workers=0``) one batch at a time, right before it calls
+    the loss, so :meth:`take` hands the loss its batch's example indices.
+    """
+
+    def __init__(self, data: Dataset):
+        self.data = data
+        self.classes, self.in_channels, self.input_size = data.classes, data.in_channels, data.input_size
+        self.targets = list(data.targets)
+        self._fetched: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        self._fetched.append(i)
+        return self.data[i]
+
+    def take(self, targets: torch.Tensor) -> torch.Tensor:
+        """The indices of the batch with these ``targets``; refuses a batch out of step with them."""
+        n = len(targets)
+        idx, self._fetched = self._fetched[:n], self._fetched[n:]
+        if len(idx) != n or [self.targets[i] for i in idx] != targets.tolist():
+            raise RuntimeError("distill: the batch is out of step with the examples the loader fetched "
+                               "(the teacher-logit cache needs the engine to load data with num_workers=0)")
+        return torch.tensor(idx)
+
+
+def teacher_logits(teacher: Teacher, data: Dataset, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """The teacher's logits for every example of ``data``, in order, as a float32 CPU tensor."""
+    out = []
+    with torch.no_grad():
+        for x, _ in DataLoader(data, batch_size=batch_size):
+            out.append(teacher(x.to(device)).float().cpu())
+    return torch.cat(out)
+
+
+def _cached_logits(ctx, teacher: Teacher, data: Dataset, key: dict) -> torch.Tensor:
+    """Compute once per run: a resumed run reads them back from the run directory."""
+    from reuse_core.engine.checkpoint import save_checkpoint
+
+    path = ctx.run_dir / CACHE_FILE
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["key"] == key:
+            return saved["logits"]
+    logits = teacher_logits(teacher, data, ctx.device)
+    save_checkpoint(path, {"key": key, "logits": logits})
+    return logits
+
+
+def distill(ctx, options: dict, teacher: Teacher, *, teacher_ids: list[str], dataset: str,
+            classes: list[int]) -> StrategyResult:
+    """Train the options' student on ``dataset``/``classes`` from ``teacher`` (any callable from a
+    batch of inputs to logits over ``classes``, in eval mode) and save it with ``teacher_ids`` as
+    its parents."""
+    from reuse_core import backbone
+    from reuse_core.nn import DistillationLoss
+
+    train, val, test = load_splits({**options, "label_budget": None}, dataset=dataset, classes=classes)
+    indexed = IndexedSplit(train)
+    labelled = torch.zeros(len(train), dtype=torch.bool)
+    budget = options["label_budget"]
+    labelled[budget_indices(train.targets, budget, options["seed"]) if budget else slice(None)] = True
+    cached = None
+    if options["cache_teacher"]:
+        key = {"teachers": teacher_ids, "dataset": dataset, "classes": classes, "seed": options["seed"], "n": len(train)}
+        cached = _cached_logits(ctx, teacher, train, key).to(ctx.device)
+    kd_ce = DistillationLoss(options["temperature"], options["kd_weight"], options["ce_weight"])
+    kd_only = DistillationLoss(options["temperature"], options["kd_weight"])
+
+    def loss_fn(model, inputs, targets):
+        idx = indexed.take(targets)
+        outputs = model(inputs)
+        if cached is not None:
+            t = cached[idx.to(ctx.device)]
+        else:
+            with torch.no_grad():
+                t = teacher(inputs).float()
+        mask = labelled[idx].to(inputs.device)
+        if bool(mask.all()):
+            return kd_ce(outputs, t.to(outputs.dtype), targets), outputs
+        loss = kd_only(outputs, t.to(outputs.dtype))
+        if bool(mask.any()) and options["ce_weight"] > 0:
+            loss = loss + options["ce_weight"] * F.cross_entropy(outputs[mask], targets[mask])
+        return loss, outputs
+
+    config = {"in_channels": train.in_channels, **parse_config(options["student_backbone_config"])}
+    torch.manual_seed(options["seed"])  # the student's initial weights follow the seed
+    student = backbone.build(options["student_backbone"], len(train.classes), **config)
+    fitted = fit(ctx, student, indexed, val, options, loss_fn=loss_fn, num_workers=0)
+    return save(ctx, student, backbone=options["student_backbone"], config=config, dataset=dataset,
+                classes=train.classes, parents=teacher_ids, options=options, fitted=fitted, test=test)
+
+
+def class_indices(dataset: str, names: list[str], options: dict) -> list[int]:
+    """The dataset's indices of the classes a model was trained on (stored by name)."""
+    from reuse_core import data
+
+    kw = {"root": options["data_root"]} if options.get("data_root") else {}
+    every = data.load(dataset, split="val", seed=options["seed"], **kw).classes
+    missing = [n for n in names if n not in every]
+    if missing:
+        raise ValueError(f"the teacher's classes {missing} are not classes of dataset {dataset!r}")
+    return [every.index(n) for n in names]
+
+
+def run(ctx, options: dict) -> StrategyResult:
+    teacher_id = ctx.model_id(options["teacher"])
+    teacher, manifest = ctx.load_model(teacher_id)
+    teacher.eval().requires_grad_(False)
+    dataset = options["dataset"] or manifest["dataset"]
+    classes = parse_classes(options["classes"]) or class_indices(dataset, manifest["classes"], options)
+    if len(classes) != len(manifest["classes"]):
+        raise OptionError(f"strategy 'distill': option 'classes': the teacher has {len(manifest['classes'])} "
+                          f"outputs, got {len(classes)} classes")
+    return distill(ctx, options, teacher, teacher_ids=[teacher_id], dataset=dataset, classes=classes)
+
+
+def teacher_options() -> tuple[Option, ...]:
+    """The distillation options every teacher->student strategy shares."""
+    return (
+        Option("temperature", float, 4.0, "softmax temperature of the distillation term", check=positive),
+        Option("kd_weight", float, 0.9, "weight of the distillation (KL) term", check=non_negative),
+        Option("ce_weight", float, 0.1, "weight of the cross-entropy term on the labelled examples", check=non_negative),
+        Option("cache_teacher", bool, True, "run the teacher once over the training set and reuse its logits "
+               "(saved in the run directory) instead of running it on every batch"),
+        *backbone_options("student_", what="student"),
+        *data_options(classes_help="the dataset's class indices for the teacher's outputs, in order (default: the teacher's classes)",
+                      inherit_from="teacher",
+                      budget_help="labelled training examples per class for the cross-entropy term; the "
+                                  "distillation term uses every training example (default: all labelled)"),
+    )
+
+
+DISTILL = Strategy(
+    name="distill",
+    description="Hinton knowledge distillation of a stored teacher into a fresh (usually smaller) student",
+    options=(
+        Option("teacher", str, help="the teacher: a recipe step, or a store ID, ID prefix or name", ref=True),
+        *teacher_options(),
+        *train_options(),
+        NAME_OPTION,
+    ),
+    run=run,
+)

@@ -1,0 +1,182 @@
+"""Running a strategy from Python: ``reuse_core.run("finetune", model="teacher", classes=[5, 6])``.
+
+:func:`run` looks the strategy up in the registry, resolves its options through the schema (the
+same :class:`~reuse_core.strategy.OptionError` as the command line and recipes), prepares a run
+directory and a :class:`RunContext`, and calls the strategy. A run directory holds ``run.json``
+(strategy and resolved options), the engine's checkpoints and metrics, and ``result.json`` once the
+run has finished; ``resume=True`` continues from there.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reuse_core.strategy import OptionError, StrategyResult
+
+RUNS_DIR = Path("runs")
+RUN_FILE = "run.json"
+RESULT_FILE = "result.json"
+
+
+class RunError(RuntimeError):
+    """A run cannot start or continue: no run to resume, options changed since, an unknown model."""
+
+
+def is_main_process() -> bool:
+    """False on the non-zero ranks of a torchrun job: they train but do not write results."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@dataclass
+class RunContext:
+    """What a strategy's ``run(context, options)`` gets besides its options.
+
+    ``refs`` maps recipe step names to the store IDs of the models those steps saved, so an option
+    like ``teacher = "teacher"`` in a recipe names the model of step "teacher".
+    """
+
+    strategy: str
+    store: Any
+    hooks: Any
+    run_dir: Path
+    device: torch.device
+    resume: bool = False
+    quiet: bool = False
+    refs: dict[str, str] = field(default_factory=dict)
+
+    def model_id(self, ref: str) -> str:
+        """The store ID for a recipe step name, a store ID, a unique ID prefix or a model name."""
+        if ref in self.refs:
+            return self.refs[ref]
+        return self.store.resolve(ref)
+
+    def load_model(self, ref: str) -> tuple[torch.nn.Module, dict]:
+        """The stored model rebuilt (registered backbone + config from the manifest, then its weights),
+        on ``self.device``, with its manifest."""
+        from reuse_core import backbone
+
+        state, manifest = self.store.load(self.model_id(ref))
+        if manifest["backbone"] == "ensemble":  # a combination of models: its strategy rebuilds it
+            from reuse_core.builtin.strategies.ensemble import load_ensemble
+
+            return load_ensemble(manifest, state).to(self.device), manifest
+        model = backbone.build(manifest["backbone"], len(manifest["classes"]), **manifest["config"])
+        model.load_state_dict(state)
+        return model.to(self.device), manifest
+
+    def log(self, message: str) -> None:
+        if not self.quiet and is_main_process():
+            print(message, flush=True)
+
+
+def default_store(store=None):
+    """``store`` as a ModelStore: an existing one, a path, or None for the default location."""
+    from reuse_core.store import ModelStore
+
+    return store if isinstance(store, ModelStore) else ModelStore(store)
+
+
+def new_run_dir(prefix: str, parent: str | os.PathLike = RUNS_DIR) -> Path:
+    """A fresh ``<parent>/<prefix>-<timestamp>`` (a suffix keeps two runs in one second apart)."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    parent = Path(parent)
+    path, n = parent / f"{prefix}-{stamp}", 1
+    while path.exists():
+        n += 1
+        path = parent / f"{prefix}-{stamp}-{n}"
+    path.mkdir(parents=True)
+    return path
+
+
+def latest_unfinished(prefix: str, kind_file: str = RUN_FILE, parent: str | os.PathLike = RUNS_DIR) -> Path:
+    """The newest ``<parent>/<prefix>-*`` run directory of this kind (it holds ``kind_file``) that has
+    not finished (no result file)."""
+    parent = Path(parent)
+    runs = sorted((p for p in parent.glob(f"{prefix}-*") if (p / kind_file).exists() and not (p / RESULT_FILE).exists()),
+                  key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise RunError(f"nothing to resume: no unfinished {prefix!r} run under {parent}/ (give --run-dir)")
+    return runs[-1]
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_json(path: Path, data: Mapping) -> None:
+    """Atomically (a run killed while writing leaves the old file or the new one)."""
+    from reuse_core.engine.checkpoint import atomic_open
+
+    with atomic_open(path, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+
+
+def run(strategy: str, *, store=None, run_dir: str | os.PathLike | None = None, device=None,
+        resume: bool = False, quiet: bool = False, refs: Mapping[str, str] | None = None,
+        where: str | None = None, **options: Any) -> StrategyResult:
+    """Run a registered strategy with ``options`` (raw values: strings are converted as on the command
+    line) and return its :class:`~reuse_core.strategy.StrategyResult`.
+
+    ``store``: a ModelStore or its folder (default: ``$REUSE_CORE_STORE`` or the user cache).
+    ``run_dir``: default ``./runs/<strategy>-<timestamp>``. ``resume=True`` continues the run in
+    ``run_dir`` (default: the newest unfinished run of this strategy): its recorded options are
+    used, finished epochs are not trained again, and a finished run returns its recorded result.
+    ``refs``: recipe step name -> store ID. ``where`` names the caller in option errors.
+    """
+    from reuse_core import plugins
+    from reuse_core.engine.distributed import default_device
+
+    strat = plugins.strategies().get(strategy)
+    if resume:
+        run_dir = Path(run_dir) if run_dir is not None else latest_unfinished(strategy)
+        recorded = read_json(run_dir / RUN_FILE)
+        if recorded is None:
+            raise RunError(f"nothing to resume in {run_dir}: it has no {RUN_FILE}")
+        if recorded["strategy"] != strategy:
+            raise RunError(f"{run_dir} is a {recorded['strategy']!r} run, not {strategy!r}")
+        resolved = strat.resolve({**recorded["options"], **options}, where=where)
+        changed = sorted(k for k in resolved if resolved[k] != recorded["options"].get(k))
+        if changed:
+            raise OptionError(f"{where or f'strategy {strategy!r}'}: cannot resume {run_dir} with other values of "
+                              f"{', '.join(changed)} than it started with")
+        done = read_json(run_dir / RESULT_FILE)
+        if done is not None:
+            return StrategyResult(metrics=done["metrics"], models=done["models"], run_dir=str(run_dir))
+    else:
+        resolved = strat.resolve(options, where=where)
+        run_dir = new_run_dir(strategy) if run_dir is None else Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if (run_dir / RUN_FILE).exists():
+            raise RunError(f"{run_dir} already holds a run: pass resume=True (--resume) or another run directory")
+    ctx = RunContext(strategy=strategy, store=default_store(store), hooks=plugins.lifecycle_relay(),
+                     run_dir=run_dir, device=default_device(device), resume=resume, quiet=quiet,
+                     refs=dict(refs or {}))
+    if is_main_process():
+        write_json(run_dir / RUN_FILE, {"strategy": strategy, "options": resolved,
+                                        "started": datetime.datetime.now().isoformat(timespec="seconds")})
+    result = strat.run(ctx, resolved)
+    result.run_dir = str(run_dir)
+    if is_main_process():
+        write_json(run_dir / RESULT_FILE, {"metrics": result.metrics, "models": result.models,
+                                           "finished": datetime.datetime.now().isoformat(timespec="seconds")})
+    return result
+
+
+class _CallableModule(types.ModuleType):
+    """``reuse_core.run`` is both this module and the function: importing a submodule makes it an
+    attribute of the package, which would otherwise hide the function ``reuse_core.run(...)``."""
+
+    def __call__(self, strategy: str, **kwargs: Any) -> StrategyResult:
+        return run(strategy, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,57 @@
+"""finetune end to end on tiny digits: what each mode trains, the new head, lineage, label budget."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from reuse_core import run as reuse_run
+from reuse_core.strategy import OptionError
+
+
+def _finetune(store, teacher, **options):
+    result = reuse_run.run("finetune", store=store, quiet=True, model=teacher.model, classes=["5-9"],
+                           label_budget=4, epochs=1, lr=0.1, **options)
+    return result, store.load(result.model)[0], store.load(teacher.model)[0]
+
+
+def _changed(before, after, prefix):
+    return [k for k in before if k.startswith(prefix) and not torch.equal(before[k], after[k])]
+
+
+def test_full_fine_tuning_trains_every_layer_under_a_new_head(store, teacher):
+    result, tuned, source = _finetune(store, teacher, mode="full")
+    manifest = store.manifest(result.model)
+    assert manifest["classes"] == ["5", "6", "7", "8", "9"] and manifest["backbone"] == "small-cnn"
+    assert manifest["lineage"]["parents"] == [teacher.model] and manifest["lineage"]["strategy"] == "finetune"
+    assert tuned["head.weight"].shape == (5, 128) and result.metrics["train_examples"] == 20
+    assert _changed(source, tuned, "conv1.") and _changed(source, tuned, "fc.")
+
+
+def test_a_linear_probe_leaves_the_features_alone(store, teacher):
+    _, tuned, source = _finetune(store, teacher, mode="linear")
+    changed = [k for k in source if not k.startswith("head.") and not torch.equal(source[k], tuned[k])]
+    assert changed == [], "frozen features (batch-norm statistics included) must not change"
+
+
+def test_partial_fine_tuning_trains_the_last_blocks_only(store, teacher):
+    _, tuned, source = _finetune(store, teacher, mode="partial", trainable_blocks=1)
+    assert _changed(source, tuned, "fc.")
+    assert not _changed(source, tuned, "conv1.") and not _changed(source, tuned, "conv2.")
+
+
+def test_reused_layers_train_at_the_scaled_learning_rate(store, teacher):
+    result = reuse_run.run("finetune", store=store, quiet=True, model=teacher.model, classes=["5-9"], label_budget=4,
+                           epochs=1, lr=0.1, reused_lr_scale=0.25, schedule="constant")
+    ckpt = torch.load(Path(result.run_dir) / "checkpoint.pt", weights_only=True)
+    assert sorted(g["lr"] for g in ckpt["optimizer"]["param_groups"]) == pytest.approx([0.025, 0.1])
+
+
+def test_an_unknown_model_is_a_clear_error(store):
+    from reuse_core.store import StoreError
+
+    with pytest.raises(StoreError, match="no model 'nope'"):
+        reuse_run.run("finetune", store=store, quiet=True, model="nope")
+    with pytest.raises(OptionError, match="option 'mode': expected one of full, linear, partial"):
+        reuse_run.run("finetune", store=store, quiet=True, model="x", mode="half")
