@@ -37,15 +37,15 @@ REPEATS = int(os.environ.get("REUSE_BENCH_REPEATS") or 0) or (
     bench.QUICK_REPEATS if QUICK else bench.DEFAULT_REPEATS.get(DEVICE, 5)
 )
 
-# Acceptance targets (issue 2): (op, device, shape, mode, direction, metric, bound), where
+# Acceptance targets (issues 2 and 3): (op, device, shape, mode, direction, metric, bound), where
 # shape/mode None match any case, and a bound is a minimum, except for the "max" metrics.
-# Metrics are fields of a `reuse bench` row: speedup_vs_eager / speedup_vs_compile (their median
+# Metrics are fields of a `reuse bench` row: speedup_vs_eager / speedup_vs_compile / speedup_vs_sdpa (their median
 # time over the fused op's), fused_vs_floor (fused time over `torch.add(s, t)`), peak_vs_logits
 # (the fused op's peak extra memory over one logits tensor), bandwidth_fraction (CUDA: minimal
 # traffic per fused second over the measured copy bandwidth). They apply to the full-size cases
 # only (not REUSE_BENCH_QUICK) and only when the fused op runs a compiled kernel. Soft checks:
 # reported always, enforced with REUSE_BENCH_ENFORCE=1; never a CI gate (shared machines are noisy).
-KL_LARGE, ENS = [1024, 32000], [8, 4096, 1000]
+KL_LARGE, ENS, ATTN_CPU = [1024, 32000], [8, 4096, 1000], [4, 8, 1024, 64]
 TARGETS: list[tuple[str, str, list | None, str | None, str, str, float]] = [
     ("distill_kl", "cpu", KL_LARGE, None, "fwd+bwd", "speedup_vs_compile", 3.0),
     ("distill_kl", "cpu", KL_LARGE, None, "fwd+bwd", "speedup_vs_eager", 10.0),
@@ -58,6 +58,12 @@ TARGETS: list[tuple[str, str, list | None, str | None, str, str, float]] = [
     ("distill_kl", "cuda", None, None, "fwd+bwd", "bandwidth_fraction", 0.8),
     ("ensemble_average", "cuda", None, None, "fwd+bwd", "speedup_vs_compile", 1.0),
     ("ensemble_average", "cuda", None, None, "fwd+bwd", "bandwidth_fraction", 0.8),
+    # attention (issue 3): time against torch's own SDPA, memory O(L) (a few q-sized tensors)
+    ("attention", "cpu", ATTN_CPU, None, "fwd", "speedup_vs_sdpa", 0.8),
+    ("attention", "cpu", ATTN_CPU, None, "fwd+bwd", "speedup_vs_sdpa", 0.8),
+    ("attention", "cpu", ATTN_CPU, None, "fwd+bwd", "peak_vs_logits", -8.0),
+    ("attention", "cuda", [4, 16, 4096, 64], None, "fwd", "speedup_vs_sdpa", 0.7),
+    ("attention", "cuda", [4, 8, 4096, 128], None, "fwd", "speedup_vs_sdpa", 0.7),
 ]
 # A negative bound is a maximum: the metric must be <= -bound.
 

@@ -179,6 +179,10 @@ for n in sorted(names):
     print(f"- {short}\n    {c['total']} instr; {usage.get(n, 'REG:?')}; {keys}")
 spills = [re.sub(r"\(.*", "", demangle.get(n, n))[:60] for n in names if counts[n]["local(LDL/STL)"]]
 print("local-memory (LDL/STL) instructions in: " + (", ".join(spills) if spills else "none"))
+# the attention kernels of the 16-bit types must run on tensor cores
+attn = [n for n in names if "attention" in demangle.get(n, n) and ("half" in demangle.get(n, n) or "bfloat16" in demangle.get(n, n))]
+no_mma = [re.sub(r"\(.*", "", demangle.get(n, n))[:60] for n in attn if not (counts[n]["HMMA"] or counts[n]["HGMMA"])]
+print(f"attention 16-bit kernels: {len(attn)}, without HMMA/HGMMA: " + (", ".join(no_mma) if no_mma else "none"))
 EOF
 }
 
@@ -226,7 +230,7 @@ else
 fi
 step doctor 90 doctor
 step cuda-tests 150 cuda_tests
-OPS=$("$PY" -c "from reuse_core.bench import BENCHES; print(' '.join(BENCHES))" 2>/dev/null || echo "distill_kl ensemble_average")
+OPS=$("$PY" -c "from reuse_core.bench import BENCHES; print(' '.join(BENCHES))" 2>/dev/null || echo "distill_kl ensemble_average attention")
 read -r -a OPS_ARR <<< "$OPS"
 NOPS=${#OPS_ARR[@]}
 for i in "${!OPS_ARR[@]}"; do

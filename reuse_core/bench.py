@@ -10,7 +10,13 @@ pits contenders against each other in one process:
               case and warmed up (forward and backward graphs) before anything is timed;
 * ``floor``   (where an op defines one) a memory-traffic floor: for distill_kl fwd+bwd,
               ``torch.add(s, t)`` reads both inputs and writes one freshly allocated tensor, the
-              least traffic any implementation that returns a gradient can do.
+              least traffic any implementation that returns a gradient can do;
+* ``sdpa``    (attention only) ``torch.nn.functional.scaled_dot_product_attention``, PyTorch's own
+              fused attention (a flash kernel on CPU and on CUDA).
+
+Arithmetic rate (ops that define :meth:`OpBench.flops`, attention): ``gflops`` per contender =
+the op's nominal FLOPs over its median time: forward 4·B·H·Lq·Lk·D, half that when causal, and
+the backward 2.5 times the forward.
 
 Timing, as a user calls the op: the timed region is ``out = op(...)`` for "fwd" (inputs do not
 require grad) and ``loss = op(...); loss.backward()`` for "fwd+bwd" (the student / the members
@@ -60,7 +66,7 @@ from typing import Any
 
 import torch
 
-CONTENDERS = ("fused", "eager", "compile", "floor")
+CONTENDERS = ("fused", "eager", "compile", "sdpa", "floor")
 DIRECTIONS = ("fwd", "fwd+bwd")
 DEFAULT_REPEATS = {"cpu": 5, "cuda": 20}
 QUICK_REPEATS = 2
@@ -151,8 +157,16 @@ class OpBench:
     def has_floor(self, case: Case) -> bool:
         return False
 
+    def sdpa(self, case: Case, inputs: dict) -> Contender | None:
+        """PyTorch's scaled_dot_product_attention on the case's inputs (attention only)."""
+        return None
+
+    def flops(self, case: Case) -> float | None:
+        """Nominal floating-point operations of one call, for ops measured in GFLOP/s."""
+        return None
+
     def contender_names(self, case: Case) -> list[str]:
-        return [n for n in CONTENDERS if n != "floor" or self.has_floor(case)]
+        return [n for n in CONTENDERS if (n != "floor" or self.has_floor(case)) and (n != "sdpa" or self.flops(case))]
 
 
 def _gen(device: str, seed: int = 0) -> torch.Generator:
@@ -273,8 +287,78 @@ class EnsembleAverageBench(OpBench):
         return ((K + 1) if case.direction == "fwd" else (3 * K + 2)) * n_c * elt
 
 
+class AttentionBench(OpBench):
+    """Shape (B, H, L, D): self-attention shapes (Lq = Lk = L, H = Hkv); mode "full" or "causal".
+    fwd+bwd backpropagates a fixed random gradient of the output into q, k and v."""
+
+    name = "attention"
+    modes = ("full", "causal")
+
+    def fused(self):
+        from reuse_core.ops import attention
+
+        return attention
+
+    def reference(self):
+        from reuse_core.ops.reference import attention_reference
+
+        return attention_reference
+
+    def cases(self, device, quick):
+        if quick:
+            shapes = [((1, 2, 64, 32), "float32")]
+        elif device == "cuda":
+            shapes = [((4, 16, 4096, 64), "bfloat16"), ((4, 8, 4096, 128), "bfloat16"), ((4, 8, 1024, 64), "float32")]
+        else:
+            shapes = [((4, 8, 1024, 64), "float32")]
+        return [Case(self.name, s, dt, m, d) for s, dt in shapes for m in self.modes for d in DIRECTIONS]
+
+    def make_inputs(self, case, device):
+        g = _gen(device)
+        q, k, v, dout = (torch.randn(case.shape, generator=g, device=device, dtype=torch.float32).to(case.torch_dtype)
+                         for _ in range(4))
+        if case.direction == "fwd+bwd":
+            for x in (q, k, v):
+                x.requires_grad_(True)
+        return {"q": q, "k": k, "v": v, "dout": dout}
+
+    def _contender(self, fn, case, inputs):
+        q, k, v, causal = inputs["q"], inputs["k"], inputs["v"], case.mode == "causal"
+        if case.direction == "fwd":
+            return Contender(lambda: (fn(q, k, v, causal),))
+        dout = inputs["dout"]
+
+        def call():
+            out = fn(q, k, v, causal)
+            out.backward(dout)
+            return (out, q.grad, k.grad, v.grad)
+
+        def reset():
+            q.grad = k.grad = v.grad = None
+
+        return Contender(call, reset)
+
+    def contender(self, fn, case, inputs):
+        return self._contender(lambda q, k, v, causal: fn(q, k, v, causal=causal), case, inputs)
+
+    def sdpa(self, case, inputs):
+        import torch.nn.functional as F
+
+        return self._contender(lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                               case, inputs)
+
+    def flops(self, case):
+        B, H, L, D = case.shape
+        fwd = 4 * B * H * L * L * D / (2 if case.mode == "causal" else 1)
+        return fwd * (3.5 if case.direction == "fwd+bwd" else 1.0)
+
+    def minimal_bytes(self, case):
+        # fwd: read q, k, v, write out; fwd+bwd adds: read q, k, v, out, dout, write dq, dk, dv
+        return (4 if case.direction == "fwd" else 12) * math.prod(case.shape) * case.torch_dtype.itemsize
+
+
 #: Every benchmarked op, by stem. An op of ``_ext.OPS`` without an entry is skipped with a note.
-BENCHES: dict[str, OpBench] = {b.name: b for b in (DistillKLBench(), EnsembleAverageBench())}
+BENCHES: dict[str, OpBench] = {b.name: b for b in (DistillKLBench(), EnsembleAverageBench(), AttentionBench())}
 
 
 def all_cases(device: str = "cpu", quick: bool = False, ops: Sequence[str] | None = None) -> list[Case]:
@@ -323,10 +407,10 @@ def build_workload(case: Case, device: str, contenders: Sequence[str] = CONTENDE
                 out[name] = spec.contender(spec.reference(), case, inputs)
             elif name == "compile":
                 out[name] = spec.contender(_compiled_reference(case.op), case, inputs)
-            elif name == "floor":
-                fl = spec.floor(case, inputs)
-                if fl is not None:
-                    out[name] = fl
+            elif name in ("floor", "sdpa"):
+                c = getattr(spec, name)(case, inputs)
+                if c is not None:
+                    out[name] = c
             else:
                 raise ValueError(f"unknown contender {name!r}")
         except Exception as exc:  # noqa: BLE001  (reported in the results, the run goes on)
@@ -539,6 +623,11 @@ def run_case(
         "contenders": res,
         "minimal_bytes": wl.minimal_bytes,
     }
+    flops = BENCHES[case.op].flops(case)
+    if flops:
+        for name, r in res.items():
+            if r.get("median_ms"):
+                r["gflops"] = round(flops / (r["median_ms"] / 1e3) / 1e9, 2)
     row.update(ratios(row, device))
     del wl, live
     gc.collect()
@@ -568,12 +657,13 @@ def _median(row: dict, name: str) -> float | None:
 
 
 def ratios(row: dict, device: str) -> dict:
-    """speedup_vs_eager/compile = their time / fused time; fused_vs_floor = fused / floor time;
+    """speedup_vs_eager/compile/sdpa = their time / fused time; fused_vs_floor = fused / floor time;
     bandwidth_fraction = minimal bytes per fused second / measured copy bandwidth (CUDA)."""
-    f, e, c, fl = (_median(row, n) for n in ("fused", "eager", "compile", "floor"))
+    f, e, c, sd, fl = (_median(row, n) for n in ("fused", "eager", "compile", "sdpa", "floor"))
     out = {
         "speedup_vs_eager": round(e / f, 3) if f and e else None,
         "speedup_vs_compile": round(c / f, 3) if f and c else None,
+        "speedup_vs_sdpa": round(sd / f, 3) if f and sd else None,
         "fused_vs_floor": round(f / fl, 3) if f and fl else None,
         "peak_vs_logits": None,
         "bandwidth_fraction": None,
@@ -656,7 +746,7 @@ def _mb(row, name):
 
 TABLE_COLUMNS = (
     "op", "shape", "dtype", "mode", "dir", "fused ms", "eager ms", "compile ms", "x eager", "x compile",
-    "MB fused/eager/compile", "floor ms", "fused/floor", "%copy BW",
+    "sdpa ms", "x sdpa", "GFLOP/s", "MB fused/eager/compile", "floor ms", "fused/floor", "%copy BW",
 )
 
 
@@ -668,6 +758,8 @@ def table_rows(results: Sequence[dict]) -> list[list[str]]:
             r["op"], "x".join(map(str, r["shape"])), r["dtype"], r["mode"] or "-", r["direction"],
             _ms(r, "fused") + star, _ms(r, "eager"), _ms(r, "compile"),
             _fmt(r["speedup_vs_eager"], ".2f"), _fmt(r["speedup_vs_compile"], ".2f"),
+            _ms(r, "sdpa"), _fmt(r.get("speedup_vs_sdpa"), ".2f"),
+            _fmt((r["contenders"].get("fused") or {}).get("gflops"), ".1f"),
             f"{_mb(r, 'fused')}/{_mb(r, 'eager')}/{_mb(r, 'compile')}",
             _ms(r, "floor"), _fmt(r["fused_vs_floor"], ".2f"),
             _fmt(None if r["bandwidth_fraction"] is None else 100 * r["bandwidth_fraction"], ".0f"),
