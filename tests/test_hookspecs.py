@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+from pathlib import Path
 
 import pluggy
 import pytest
@@ -52,3 +53,16 @@ def test_import_is_light():
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('reuse_core')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['reuse_core', 'reuse_core.hookspecs']"
+
+
+def documented_signature(hook) -> str:
+    """The signature as docs/plugins.md spells it: annotations as written in hookspecs.py."""
+    sig = inspect.signature(hook)
+    params = ", ".join(f"{p.name}: {p.annotation}" for p in sig.parameters.values())
+    return f"def {hook.__name__}({params}) -> {sig.return_annotation}"
+
+
+@pytest.mark.parametrize("hook", HOOKS, ids=lambda f: f.__name__)
+def test_every_hook_is_documented_with_its_exact_signature(hook):
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
+    assert f"```python\n{documented_signature(hook)}\n```" in docs
