@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from reuse_core import hookimpl
+from reuse_core.builtin.strategies.cascade import CASCADE
 from reuse_core.builtin.strategies.distill import DISTILL
+from reuse_core.builtin.strategies.ensemble import ENSEMBLE
 from reuse_core.builtin.strategies.finetune import FINETUNE
 from reuse_core.builtin.strategies.pretrain import PRETRAIN
+from reuse_core.builtin.strategies.soup import SOUP
 
-STRATEGIES = (PRETRAIN, FINETUNE, DISTILL)
+STRATEGIES = (PRETRAIN, FINETUNE, DISTILL, ENSEMBLE, CASCADE, SOUP)
 
 
 @hookimpl

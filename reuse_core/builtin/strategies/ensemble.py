@@ -1,0 +1,175 @@
+"""``ensemble``: K members combined through the fused ensemble average (or a vote), saved to the
+store as one model whose lineage names its members.
+
+Members come from the store (any architectures with the same classes) or are trained here, all K
+at once as one batched model (:class:`~reuse_core.combine.BatchedMembers`: one vmapped forward,
+backward and optimizer step per batch), then saved one by one. The weights (uniform, proportional
+to validation accuracy, or learned on the validation split) are chosen on validation outputs.
+
+A stored ensemble has backbone ``"ensemble"``; its config lists the members (store ID, backbone,
+config), the combination and the weights, and its weights file holds every member's weights, so it
+loads (``RunContext.load_model``, e.g. as a ``distill`` teacher) without its members in the store.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from reuse_core.builtin.strategies.common import (
+    NAME_OPTION, backbone_options, data_options, fit, load_splits, parse_classes, parse_config, train_options,
+)
+from reuse_core.builtin.strategies.distill import class_indices
+from reuse_core.combine import (
+    COMBINES, WEIGHTINGS, BatchedMembers, Ensemble, choose_weights, collect_logits, majority_vote, member_accuracies,
+    member_loss,
+)
+from reuse_core.ops import ensemble_average
+from reuse_core.strategy import Option, Strategy, StrategyResult, positive
+
+BACKBONE = "ensemble"
+
+
+class JointMembers(nn.Module):
+    """K batched members as the engine trains them: in training mode the forward gives every
+    member's output ``(K, B, C)`` (for :func:`member_loss`); in eval mode their uniform
+    probability average (log domain), so the engine's per-epoch validation measures the ensemble."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.batched = BatchedMembers(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.batched(x)
+        return out if self.training else ensemble_average(out, mode="log_probs")
+
+
+def _joint_loss(model, inputs, targets):
+    out = model(inputs)
+    return member_loss(out, targets), ensemble_average(out.detach(), mode="log_probs")
+
+
+def load_ensemble(manifest: dict, state: dict) -> Ensemble:
+    """A stored ensemble rebuilt: every member from its backbone and config, then all weights."""
+    from reuse_core import backbone
+
+    cfg = manifest["config"]
+    members = [backbone.build(m["backbone"], len(manifest["classes"]), **m["config"]) for m in cfg["members"]]
+    model = Ensemble(members, combine=cfg["combine"], weights=cfg["weights"])
+    model.load_state_dict(state)
+    return model
+
+
+def _batches(data):
+    return DataLoader(data, batch_size=256)
+
+
+def load_stored(ctx, refs: list[str], options: dict, what: str):
+    """The stored models ``refs`` (IDs, loaded modules in eval mode, manifests) and the dataset and
+    validation and test splits of their classes; refuses models whose classes differ."""
+    ids = [ctx.model_id(r) for r in refs]
+    loaded = [ctx.load_model(i) for i in ids]
+    manifests = [m for _, m in loaded]
+    first = manifests[0]
+    for i, m in zip(ids, manifests):
+        if m["classes"] != first["classes"]:
+            raise ValueError(f"{ctx.strategy}: {what} {i} predicts classes {m['classes']}, but {ids[0]} predicts "
+                             f"{first['classes']}: {what}s must share their classes, in order")
+    dataset = options["dataset"] or first["dataset"]
+    classes = parse_classes(options["classes"]) or class_indices(dataset, first["classes"], options)
+    _, val, test = load_splits(options, dataset=dataset, classes=classes)
+    return ids, [model.eval() for model, _ in loaded], manifests, dataset, val, test
+
+
+def _stored_members(ctx, options):
+    ids, members, manifests, dataset, val, test = load_stored(ctx, options["members"], options, "member")
+    specs = [{"id": i, "backbone": m["backbone"], "config": m["config"]} for i, m in zip(ids, manifests)]
+    return members, specs, dataset, val, test, None
+
+
+def _trained_members(ctx, options):
+    from reuse_core import backbone
+    from reuse_core.run import is_main_process
+
+    if not options["backbone"]:
+        raise ValueError("ensemble: give --members (stored models) or --backbone (members trained here)")
+    options = {**options, "dataset": options["dataset"] or "digits"}
+    train, val, test = load_splits(options)
+    config = {"in_channels": train.in_channels, **parse_config(options["backbone_config"])}
+    torch.manual_seed(options["seed"])  # each member's initial weights: the next draws of one seeded stream
+    joint = JointMembers([backbone.build(options["backbone"], len(train.classes), **config)
+                          for _ in range(options["num_members"])])
+    fitted = fit(ctx, joint, train, val, options, loss_fn=_joint_loss)
+    members = [m.eval() for m in joint.batched.unstack()]
+    specs = []
+    for m in members:
+        record = None
+        if is_main_process():
+            record = ctx.store.save(m.state_dict(), backbone=options["backbone"], config=config,
+                                    dataset=options["dataset"], classes=list(train.classes), metrics={},
+                                    parents=[], strategy=ctx.strategy, options=options)
+        specs.append({"id": record.id if record else None, "backbone": options["backbone"], "config": config})
+    return members, specs, options["dataset"], val, test, fitted
+
+
+def run(ctx, options: dict) -> StrategyResult:
+    from reuse_core.run import is_main_process
+
+    if options["members"]:
+        if len(options["members"]) < 2:
+            raise ValueError(f"ensemble: --members needs at least 2 models, got {options['members']}")
+        members, specs, dataset, val, test, fitted = _stored_members(ctx, options)
+    else:
+        members, specs, dataset, val, test, fitted = _trained_members(ctx, options)
+    val_logits, val_y = collect_logits(members, _batches(val), ctx.device)
+    test_logits, test_y = collect_logits(members, _batches(test), ctx.device)
+    combine, weighting = options["combine"], options["weighting"]
+    weights = choose_weights(weighting, val_logits, val_y, mode="probs" if combine == "vote" else combine)
+    ensemble = Ensemble(members, combine=combine, weights=weights)
+    test_scores = ensemble.combine_logits(test_logits)
+    member_test = member_accuracies(test_logits, test_y)
+    metrics = {
+        "test_accuracy": float((test_scores.argmax(-1) == test_y).float().mean()),
+        "test_loss": float(torch.nn.functional.cross_entropy(test_scores, test_y)),
+        "val_accuracy": float((ensemble.combine_logits(val_logits).argmax(-1) == val_y).float().mean()),
+        "vote_test_accuracy": float((majority_vote(test_logits, weights).argmax(-1) == test_y).float().mean()),
+        "members_val_accuracy": member_accuracies(val_logits, val_y),
+        "members_test_accuracy": member_test,
+        "best_member_test_accuracy": max(member_test),
+        "weights": weights.tolist(), "combine": combine, "weighting": weighting, "members": len(members),
+    }
+    if fitted is not None:
+        metrics["epochs"] = len(fitted.epochs)
+    if not is_main_process():
+        return StrategyResult(metrics=metrics)
+    classes = test.classes
+    record = ctx.store.save(
+        ensemble.state_dict(), backbone=BACKBONE,
+        config={"members": specs, "combine": combine, "weights": weights.tolist()},
+        dataset=dataset, classes=list(classes), metrics=metrics, parents=[s["id"] for s in specs],
+        strategy=ctx.strategy, options=options, name=options["name"],
+    )
+    ctx.log(f"ensemble: saved model {record.id} (test accuracy {metrics['test_accuracy']:.4f}, best member "
+            f"{metrics['best_member_test_accuracy']:.4f})")
+    return StrategyResult(metrics=metrics, models=[s["id"] for s in specs if fitted is not None] + [record.id])
+
+
+ENSEMBLE = Strategy(
+    name="ensemble",
+    description="combine K models (stored, or trained together as one batched model) into one ensemble model",
+    options=(
+        Option("members", list, None, "stored models to combine (recipe steps, store IDs, prefixes or names); "
+               "without them, --num-members models of --backbone are trained together (on digits unless --dataset)",
+               ref=True),
+        Option("num_members", int, 4, "members to train together (without --members)", check=positive),
+        *backbone_options(default=None, what="members trained together"),
+        Option("combine", str, "probs", "how outputs combine: average the logits, the probabilities (probs and "
+               "log_probs average the same; the ensemble outputs their log), or a majority vote", choices=COMBINES),
+        Option("weighting", str, "uniform", "member weights: uniform, proportional to validation accuracy, or "
+               "learned on the validation split", choices=WEIGHTINGS),
+        *data_options(inherit_from="first member"),
+        *train_options(),
+        NAME_OPTION,
+    ),
+    run=run,
+)
