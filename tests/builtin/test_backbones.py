@@ -26,10 +26,10 @@ def check_contract(model: nn.Module, x: torch.Tensor, num_classes: int) -> None:
     model.eval()
     with torch.no_grad():
         assert model(x).shape == (len(x), num_classes)
+    old_head = backbone.get_head(model)
     new_head = backbone.replace_head(model, num_classes + 2)
-    assert backbone.get_head(model) is new_head
-    with torch.no_grad():
-        assert model(x).shape == (len(x), num_classes + 2)
+    assert backbone.get_head(model) is new_head and new_head is not old_head
+    assert new_head.weight.shape[:2] == (num_classes + 2, old_head.weight.shape[1])  # Linear or 1x1 Conv2d
     backbone.freeze_features(model, trainable_last_blocks=1)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     expected = {id(p) for p in [*backbone.head_parameters(model), *backbone.feature_blocks(model)[-1].parameters()]}
