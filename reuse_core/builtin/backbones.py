@@ -183,7 +183,7 @@ def torchvision_entries() -> list[tuple[str, str, dict]]:
         family = _family(tv_name)
         fixed = family in FIXED_INPUT_SIZE
         min_size = 224 if fixed else MIN_INPUT_SIZE.get(family)
-        what = f"torchvision {tv_name} ({family}), untrained"
+        what = f"torchvision {tv_name}, untrained (weights=None)"
         if fixed:
             what += "; inputs exactly image_size x image_size (config image_size, default 224)"
         out.append((tv_name, what, {"family": family, "min_input_size": min_size, "fixed_input_size": fixed}))
