@@ -14,3 +14,10 @@ def reuse_register_backbones(registry):
         description="a small residual CNN (3 stages, width 16 by default; config width) from reuse-example",
         family="example-resnet", min_input_size=None, fixed_input_size=False,
     )
+
+
+@hookimpl
+def reuse_register_strategies(registry):
+    from reuse_example.attention_transfer import ATTENTION_TRANSFER
+
+    registry.add(ATTENTION_TRANSFER.name, ATTENTION_TRANSFER, description=ATTENTION_TRANSFER.description)

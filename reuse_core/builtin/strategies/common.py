@@ -142,6 +142,16 @@ def load_splits(options: dict, *, dataset: str | None = None,
     return train, val, test
 
 
+def build_model(options: dict, data, prefix: str = ""):
+    """(a fresh ``{prefix}backbone`` for ``data``'s classes and channels, its stored config); the
+    initial weights follow the seed."""
+    from reuse_core import backbone
+
+    config = {"in_channels": data.in_channels, **parse_config(options[f"{prefix}backbone_config"])}
+    torch.manual_seed(options["seed"])
+    return backbone.build(options[f"{prefix}backbone"], len(data.classes), **config), config
+
+
 def train_config(ctx, options: dict, **overrides):
     from reuse_core.engine import TrainConfig
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from reuse_core.builtin.strategies.common import (
-    NAME_OPTION, backbone_options, budget_indices, data_options, fit, load_splits, parse_classes, parse_config, save,
+    NAME_OPTION, backbone_options, budget_indices, build_model, data_options, fit, load_splits, parse_classes, save,
     train_options,
 )
 from reuse_core.strategy import Option, OptionError, Strategy, StrategyResult, non_negative, positive
@@ -86,7 +86,6 @@ def distill(ctx, options: dict, teacher: Teacher, *, teacher_ids: list[str], dat
     """Train the options' student on ``dataset``/``classes`` from ``teacher`` (any callable from a
     batch of inputs to logits over ``classes``, in eval mode) and save it with ``teacher_ids`` as
     its parents."""
-    from reuse_core import backbone
     from reuse_core.nn import DistillationLoss
 
     train, val, test = load_splits({**options, "label_budget": None}, dataset=dataset, classes=classes)
@@ -117,9 +116,7 @@ def distill(ctx, options: dict, teacher: Teacher, *, teacher_ids: list[str], dat
             loss = loss + options["ce_weight"] * F.cross_entropy(outputs[mask], targets[mask])
         return loss, outputs
 
-    config = {"in_channels": train.in_channels, **parse_config(options["student_backbone_config"])}
-    torch.manual_seed(options["seed"])  # the student's initial weights follow the seed
-    student = backbone.build(options["student_backbone"], len(train.classes), **config)
+    student, config = build_model(options, train, "student_")
     fitted = fit(ctx, student, indexed, val, options, loss_fn=loss_fn, num_workers=0)
     return save(ctx, student, backbone=options["student_backbone"], config=config, dataset=dataset,
                 classes=train.classes, parents=teacher_ids, options=options, fitted=fitted, test=test)
@@ -137,15 +134,22 @@ def class_indices(dataset: str, names: list[str], options: dict) -> list[int]:
     return [every.index(n) for n in names]
 
 
-def run(ctx, options: dict) -> StrategyResult:
+def load_teacher(ctx, options: dict) -> tuple[torch.nn.Module, str, str, list[int]]:
+    """(the options' teacher in eval mode without grad, its store ID, the dataset and the class
+    indices to train on): by default the teacher's own."""
     teacher_id = ctx.model_id(options["teacher"])
     teacher, manifest = ctx.load_model(teacher_id)
     teacher.eval().requires_grad_(False)
     dataset = options["dataset"] or manifest["dataset"]
     classes = parse_classes(options["classes"]) or class_indices(dataset, manifest["classes"], options)
     if len(classes) != len(manifest["classes"]):
-        raise OptionError(f"strategy 'distill': option 'classes': the teacher has {len(manifest['classes'])} "
+        raise OptionError(f"strategy {ctx.strategy!r}: option 'classes': the teacher has {len(manifest['classes'])} "
                           f"outputs, got {len(classes)} classes")
+    return teacher, teacher_id, dataset, classes
+
+
+def run(ctx, options: dict) -> StrategyResult:
+    teacher, teacher_id, dataset, classes = load_teacher(ctx, options)
     return distill(ctx, options, teacher, teacher_ids=[teacher_id], dataset=dataset, classes=classes)
 
 

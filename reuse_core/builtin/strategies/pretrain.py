@@ -3,21 +3,15 @@ save it to the store as the root of a lineage. With a label budget it is also th
 baseline a fine-tuned model is measured against."""
 from __future__ import annotations
 
-import torch
-
 from reuse_core.builtin.strategies.common import (
-    NAME_OPTION, backbone_options, data_options, fit, load_splits, parse_config, save, train_options,
+    NAME_OPTION, backbone_options, build_model, data_options, fit, load_splits, save, train_options,
 )
 from reuse_core.strategy import Strategy, StrategyResult
 
 
 def run(ctx, options: dict) -> StrategyResult:
-    from reuse_core import backbone
-
     train, val, test = load_splits(options)
-    config = {"in_channels": train.in_channels, **parse_config(options["backbone_config"])}
-    torch.manual_seed(options["seed"])  # the initial weights follow the seed too
-    model = backbone.build(options["backbone"], len(train.classes), **config)
+    model, config = build_model(options, train)
     fitted = fit(ctx, model, train, val, options)
     return save(ctx, model, backbone=options["backbone"], config=config, dataset=options["dataset"],
                 classes=train.classes, parents=[], options=options, fitted=fitted, test=test)

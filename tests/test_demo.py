@@ -1,0 +1,36 @@
+"""`reuse demo` in a reduced setting (2 seeds, 1 epoch a step): the same recipes and code path as the
+full demo, writing its table, report.md, metrics.json and the PNG plots."""
+from __future__ import annotations
+
+import json
+
+from reuse_core import cli, demo
+
+
+def test_reduced_demo_writes_its_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--seeds", "2", "--epochs-scale", "0.01", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "mean +- sd over 2 seeds" in printed and f"report, metrics and plots: {out}" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [s["key"] for s in metrics["sections"]] == [s.key for s in demo.SECTIONS]
+    for sec in metrics["sections"]:
+        for row in sec["rows"]:
+            assert len(row["test_accuracy"]) == 2 and 0 <= row["mean"] <= 1 and len(row["val_curves"][0]) == 1
+            assert row["label"] in printed
+        for c in sec["comparisons"]:
+            assert c["seeds"] == 2 and f"{c['method']} beats {c['baseline']}" in printed
+    report = (out / "report.md").read_text()
+    assert "![curves.png](curves.png)" in report and "recipes/digits-distill.toml" in report
+    for png in ("curves.png", "accuracy.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # each section is its recipe's run; the distill section reuses the transfer section's models
+    assert (out / "seed-1" / "transfer" / "steps" / "teacher" / "result.json").exists()
+    assert not (out / "seed-1" / "distill" / "steps" / "teacher").exists()
+    store = out / "store" / "models"
+    assert len(list(store.iterdir())) == 2 * 5  # teacher, transfer, scratch, student, student-scratch per seed
+
+
+def test_bad_demo_flags_exit_2(capsys):
+    assert cli.main(["demo", "--seeds", "0"]) == 2
+    assert "--seeds must be >= 1" in capsys.readouterr().err
