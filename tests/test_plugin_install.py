@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,6 @@ def runs(site) -> dict[str, subprocess.CompletedProcess]:
         "plugins": (["plugins", "--json"], {}),
         "backbones": (["backbones", "--json"], {}),
         "strict": (["plugins", "--json"], {"REUSE_CORE_STRICT_PLUGINS": "1"}),
-        "no_autoload": (["plugins", "--json"], {"REUSE_CORE_DISABLE_PLUGIN_AUTOLOAD": "1"}),
     }
     procs = {
         key: subprocess.Popen([sys.executable, "-m", "reuse_core", *args], cwd=site.parent, env=env_with(site, **extra),
@@ -104,11 +104,9 @@ def test_reuse_plugins_lists_the_example_and_reports_the_broken(runs):
     plugins = by_name(json.loads(r.stdout))
     assert list(plugins)[: len(BUILTIN_PLUGINS)] == list(BUILTIN_PLUGINS)
     assert all(plugins[b]["error"] is None for b in BUILTIN_PLUGINS)
-    assert plugins["example"] == {
-        "name": "example", "distribution": "reuse-example", "version": "0.1.0",
-        "description": "The reuse-core plugin module: the entry point \"example\" in group \"reuse_core\" names it.",
-        "hooks": ["reuse_register_backbones", "reuse_register_strategies"], "error": None,
-    }
+    example = plugins["example"]
+    assert (example["distribution"], example["version"], example["error"]) == ("reuse-example", "0.1.0", None)
+    assert "reuse_register_backbones" in example["hooks"] and example["description"].startswith("The reuse-core plugin module")
     for name in BROKEN_MODULES:
         assert plugins[name]["distribution"] == "reuse-broken" and plugins[name]["version"] == "6.6.6"
     assert plugins["broken_import"]["error"] == "failed to import: ModuleNotFoundError: No module named 'reuse_core_no_such_module'"
@@ -140,16 +138,19 @@ def test_strict_mode_makes_the_broken_plugin_fatal(runs):
     assert "(fatal because REUSE_CORE_STRICT_PLUGINS=1)" in r.stderr
 
 
-def test_autoload_off_loads_the_builtins_only(runs):
-    r = runs["no_autoload"]
-    assert r.returncode == 0 and r.stderr == ""
-    assert [p["name"] for p in json.loads(r.stdout)] == list(BUILTIN_PLUGINS)
+def test_autoload_off_loads_the_builtins_only(site, monkeypatch):
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("REUSE_CORE_DISABLE_PLUGIN_AUTOLOAD", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pm = ReusePluginManager().load()
+    assert [i.name for i in pm.plugin_infos()] == list(BUILTIN_PLUGINS) and "example-resnet" not in pm.backbones
 
 
 def test_the_example_plugins_own_tests_pass(runs):
     r = runs["example_tests"]
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "6 passed" in r.stdout
+    assert " passed" in r.stdout and "failed" not in r.stdout and "skipped" not in r.stdout
 
 
 def test_the_installed_backbone_builds_through_the_registry(site, monkeypatch):
