@@ -83,6 +83,7 @@ CONFIGS = {
     "causal-lq-gt-lk-mask": (1, 4, 2, 300, 70, 40, True, True),
     "causal-lq-lt-lk": (2, 2, 2, 33, 280, 17, True, False),
     "lk1": (3, 2, 1, 9, 1, 8, False, False),
+    "d200-mask": (1, 2, 2, 70, 90, 200, True, True),  # CUDA: the head dim 256 tiles
 }
 
 
