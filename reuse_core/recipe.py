@@ -10,7 +10,7 @@
     [[step]]
     name = "teacher"
     strategy = "pretrain"
-    backbone = "cnn-small"
+    backbone = "small-cnn"
     classes = ["0-4"]
 
     [[step]]
@@ -30,12 +30,17 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import tomllib
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from reuse_core.strategy import OptionError, StrategyResult
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library
+    import tomli as tomllib
 
 TOP_LEVEL = ("description", "defaults", "step")
 RECIPE_FILE = "recipe.json"

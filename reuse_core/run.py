@@ -136,6 +136,8 @@ def run(strategy: str, *, store=None, run_dir: str | os.PathLike | None = None, 
     from reuse_core.engine.distributed import default_device
 
     strat = plugins.strategies().get(strategy)
+    if run_dir is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RunError("under torchrun every process must use the same run directory: give run_dir (--run-dir)")
     if resume:
         run_dir = Path(run_dir) if run_dir is not None else latest_unfinished(strategy)
         recorded = read_json(run_dir / RUN_FILE)
@@ -155,7 +157,7 @@ def run(strategy: str, *, store=None, run_dir: str | os.PathLike | None = None, 
         resolved = strat.resolve(options, where=where)
         run_dir = new_run_dir(strategy) if run_dir is None else Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        if (run_dir / RUN_FILE).exists():
+        if is_main_process() and (run_dir / RUN_FILE).exists():
             raise RunError(f"{run_dir} already holds a run: pass resume=True (--resume) or another run directory")
     ctx = RunContext(strategy=strategy, store=default_store(store), hooks=plugins.lifecycle_relay(),
                      run_dir=run_dir, device=default_device(device), resume=resume, quiet=quiet,
