@@ -30,14 +30,14 @@ examples:
 DEMO_EPILOG = """\
 On the embedded digits data (no download), for each seed: pretrain a teacher on classes 0-4,
 fine-tune it to classes 5-9 with a few labels per class against the same network trained from
-scratch on the same labels, then distill the fine-tuned model into a smaller student against that
-student trained from scratch. The steps are the recipes in recipes/digits-*.toml, run the same way
-as `reuse run`. It prints a table of test accuracies (mean +- standard deviation over the seeds)
+scratch on the same labels, then distill the teacher and the fine-tuned model into a much smaller
+MLP student against that student trained from scratch on the same labels (plus the sections other
+strategies add). The steps are the recipes in recipes/digits-*.toml, run the same way as `reuse run`. It prints a table of test accuracies (mean +- standard deviation over the seeds)
 and writes report.md, metrics.json and PNG plots into a run directory it names at the end
 (the models go to a store inside it unless --store is given).
 
 examples:
-  reuse demo                                      the full demo (3 seeds; a few minutes on 2 CPU cores)
+  reuse demo                                      the full demo (3 seeds, one intra-op thread)
   reuse demo --seeds 1 --epochs-scale 0.2         a quick look
   reuse demo --out runs/my-demo
 """
