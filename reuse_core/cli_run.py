@@ -32,9 +32,10 @@ On the embedded digits data (no download), for each seed: pretrain a teacher on 
 fine-tune it to classes 5-9 with a few labels per class against the same network trained from
 scratch on the same labels, then distill the teacher and the fine-tuned model into a much smaller
 MLP student against that student trained from scratch on the same labels (plus the sections other
-strategies add). The steps are the recipes in recipes/digits-*.toml, run the same way as `reuse run`. It prints a table of test accuracies (mean +- standard deviation over the seeds)
-and writes report.md, metrics.json and PNG plots into a run directory it names at the end
-(the models go to a store inside it unless --store is given).
+strategies add). The steps are the recipes in recipes/digits-*.toml, run the same way as
+`reuse run`. It prints a table of test accuracies (mean +- standard deviation over the seeds) and
+writes report.md, metrics.json and PNG plots into a run directory it names at the end (the models
+go to a store inside it unless --store is given).
 
 examples:
   reuse demo                                      the full demo (3 seeds, one intra-op thread)
