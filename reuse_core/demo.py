@@ -201,14 +201,14 @@ def write_plots(metrics: dict, run_dir: Path) -> list[str]:
     fig.savefig(run_dir / "curves.png", dpi=110)
     plt.close(fig)
 
-    rows = [row for sec in secs for row in sec["rows"]]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
-    ax.bar(range(len(rows)), [r["mean"] for r in rows], yerr=[r["sd"] for r in rows], capsize=4,
-           color=[f"C{i}" for i in range(len(rows))])
-    ax.set_xticks(range(len(rows)), [r["label"].replace(" (", "\n(") for r in rows], fontsize=7)
-    ax.set(ylabel="test accuracy", ylim=(0, 1.05),
+    rows = [row for sec in secs for row in sec["rows"]][::-1]  # top to bottom in table order
+    fig, ax = plt.subplots(figsize=(8, 1 + 0.4 * len(rows)))
+    ax.barh(range(len(rows)), [r["mean"] for r in rows], xerr=[r["sd"] for r in rows], capsize=3,
+            color=[f"C{i}" for i in range(len(rows))])
+    ax.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=8)
+    ax.set(xlabel="test accuracy", xlim=(0, 1.05),
            title=f"test accuracy, mean and sd over {len(metrics['seeds'])} seed(s)")
-    ax.grid(axis="y", alpha=0.3)
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(run_dir / "accuracy.png", dpi=110)
     plt.close(fig)
