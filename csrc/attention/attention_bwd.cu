@@ -4,8 +4,6 @@
 // dS^T Q to dK (dS = scale P (dP - D_i), dP = dO V^T), and adds its share of dS K to the
 // float32 dQ with atomics. dK, dV are per query head; the host sums them over the heads that
 // share a key/value head.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -109,26 +107,6 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(Params p) {
   }
 }
 
-template <typename X, int D>
-void launch_bwd(const Params& p) {
-  using T = BwdTiles<X, D>;
-  const size_t smem = bwd_smem_bytes<X, D>();
-  auto kernel = attention_bwd_kernel<X, D>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  const int64_t blocks = p.B * p.H * ((p.Lk + T::BK - 1) / T::BK);
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "attention_backward: too many key tiles for one launch");
-  kernel<<<unsigned(blocks), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename X>
-void dispatch_bwd(const Params& p) {
-  if (p.d <= 32) return launch_bwd<X, 32>(p);
-  if (p.d <= 64) return launch_bwd<X, 64>(p);
-  if (p.d <= 128) return launch_bwd<X, 128>(p);
-  launch_bwd<X, 256>(p);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const c10::optional<at::Tensor>& key_padding_mask, const at::Tensor& out, const at::Tensor& stats, bool causal,
@@ -166,7 +144,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     p.d = int(d);
     p.causal = causal;
     p.scale = float(scale);
-    visit_cuda_dtype(q.scalar_type(), "attention_backward: q, k and v", [&](auto x) { dispatch_bwd<decltype(x)>(p); });
+    visit_cuda_dtype(q.scalar_type(), "attention_backward: q, k and v", [&](auto x) {
+      visit_head_dim(p.d, [&](auto dim) {
+        using X = decltype(x);
+        constexpr int D = decltype(dim)::value;
+        const int64_t tiles = (p.Lk + BwdTiles<X, D>::BK - 1) / BwdTiles<X, D>::BK;
+        launch(attention_bwd_kernel<X, D>, bwd_smem_bytes<X, D>(), p.B * p.H * tiles, p, "attention_backward");
+      });
+    });
   }
   if (H != Hkv) {
     dk = dk.view({B, Hkv, H / Hkv, Lk, d}).sum(2);

@@ -8,6 +8,8 @@
 // are not a multiple of 16 run through the same code (head dims are padded to 32, 64, 128, 256).
 #pragma once
 
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -126,6 +128,15 @@ __device__ __forceinline__ bool masked(int64_t i, int64_t j, int64_t Lk, bool ca
   return j >= Lk || (causal && j > i) || (kpm != nullptr && kpm[j]);
 }
 
+// Calls f(std::integral_constant<int, D>{}) with D the head dim d padded to 32, 64, 128 or 256.
+template <class F>
+void visit_head_dim(int d, F&& f) {
+  if (d <= 32) return f(std::integral_constant<int, 32>{});
+  if (d <= 64) return f(std::integral_constant<int, 64>{});
+  if (d <= 128) return f(std::integral_constant<int, 128>{});
+  f(std::integral_constant<int, 256>{});
+}
+
 struct Params {
   const void *q, *k, *v;
   const bool* kpm;  // (B, Lk) or null
@@ -140,6 +151,16 @@ struct Params {
   bool causal;
   float scale;
 };
+
+// Launches kernel(p) on the current stream with `smem` bytes of dynamic shared memory (above
+// the default 48 KiB it must be opted into), one block per tile, and checks the launch.
+template <class Kernel>
+void launch(Kernel kernel, size_t smem, int64_t blocks, const Params& p, const char* what) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  TORCH_CHECK(blocks < (int64_t(1) << 31), what, ": too many tiles for one launch");
+  kernel<<<unsigned(blocks), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 }  // namespace attn
 }  // namespace cuda

@@ -1,8 +1,6 @@
 // CUDA flash attention, forward: one block per (query tile, batch, head) walks the key tiles
 // with an online softmax (running max m and sum l per query row, O rescaled when m grows) and
 // writes O and the row statistics (m, log l) the backward recomputes P from.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -102,26 +100,6 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
   }
 }
 
-template <typename X, int D>
-void launch_fwd(const Params& p) {
-  using T = FwdTiles<X, D>;
-  const size_t smem = fwd_smem_bytes<X, D>();
-  auto kernel = attention_fwd_kernel<X, D>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  const int64_t blocks = p.B * p.H * ((p.Lq + T::BQ - 1) / T::BQ);
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "attention: too many query tiles for one launch");
-  kernel<<<unsigned(blocks), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename X>
-void dispatch_fwd(const Params& p) {
-  if (p.d <= 32) return launch_fwd<X, 32>(p);
-  if (p.d <= 64) return launch_fwd<X, 64>(p);
-  if (p.d <= 128) return launch_fwd<X, 128>(p);
-  launch_fwd<X, 256>(p);
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   const c10::optional<at::Tensor>& key_padding_mask, bool causal,
                                                   double scale) {
@@ -148,7 +126,14 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q, const at:
   p.d = int(q.size(3));
   p.causal = causal;
   p.scale = float(scale);
-  visit_cuda_dtype(q.scalar_type(), "attention: q, k and v", [&](auto x) { dispatch_fwd<decltype(x)>(p); });
+  visit_cuda_dtype(q.scalar_type(), "attention: q, k and v", [&](auto x) {
+    visit_head_dim(p.d, [&](auto dim) {
+      using X = decltype(x);
+      constexpr int D = decltype(dim)::value;
+      const int64_t tiles = (p.Lq + FwdTiles<X, D>::BQ - 1) / FwdTiles<X, D>::BQ;
+      launch(attention_fwd_kernel<X, D>, fwd_smem_bytes<X, D>(), p.B * p.H * tiles, p, "attention");
+    });
+  });
   return {out, stats};
 }
 

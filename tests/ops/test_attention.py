@@ -256,8 +256,11 @@ def test_fully_masked_rows(target, dtype, gen, monkeypatch):
         assert_close_to_ref(a, r, dtype=dtype, same_dtype_ref=s, name=name)
 
 
+# float16 is left out: PyTorch's own float16 math overflows (scores of 1e6), so there is no
+# same-dtype yardstick
 @pytest.mark.parametrize("magnitude", [30.0, 1e3])
-@pytest.mark.parametrize("target,dtype", EDGE_TARGETS)
+@pytest.mark.parametrize("target,dtype", target_params(cpu_dtypes=(torch.float32, torch.bfloat16),
+                                                       cuda_dtypes=(torch.float32, torch.bfloat16)))
 def test_large_magnitude(target, dtype, magnitude, gen, monkeypatch):
     """Scores of |s| up to ~1e6 (a one-hot softmax): finite, and as accurate as PyTorch's own
     float32 math (the 1e-5 float32 tolerance is out of reach of any float32 evaluation there)."""
