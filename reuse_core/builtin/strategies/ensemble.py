@@ -89,7 +89,6 @@ def _stored_members(ctx, options):
 
 def _trained_members(ctx, options):
     from reuse_core import backbone
-    from reuse_core.run import is_main_process
 
     if not options["backbone"]:
         raise ValueError("ensemble: give --members (stored models) or --backbone (members trained here)")
@@ -101,15 +100,17 @@ def _trained_members(ctx, options):
                           for _ in range(options["num_members"])])
     fitted = fit(ctx, joint, train, val, options, loss_fn=_joint_loss)
     members = [m.eval() for m in joint.batched.unstack()]
-    specs = []
-    for m in members:
-        record = None
-        if is_main_process():
-            record = ctx.store.save(m.state_dict(), backbone=options["backbone"], config=config,
-                                    dataset=options["dataset"], classes=list(train.classes), metrics={},
-                                    parents=[], strategy=ctx.strategy, options=options)
-        specs.append({"id": record.id if record else None, "backbone": options["backbone"], "config": config})
+    specs = [{"id": None, "backbone": options["backbone"], "config": config} for _ in members]
     return members, specs, options["dataset"], val, test, fitted
+
+
+def _save_members(ctx, options, members, specs, dataset, classes, val_acc, test_acc) -> None:
+    """Members trained here go to the store one by one (rank 0 only), each with its accuracies."""
+    for m, spec, va, ta in zip(members, specs, val_acc, test_acc):
+        record = ctx.store.save(m.state_dict(), backbone=spec["backbone"], config=spec["config"], dataset=dataset,
+                                classes=list(classes), metrics={"val_accuracy": va, "test_accuracy": ta},
+                                parents=[], strategy=ctx.strategy, options=options)
+        spec["id"] = record.id
 
 
 def run(ctx, options: dict) -> StrategyResult:
@@ -142,11 +143,12 @@ def run(ctx, options: dict) -> StrategyResult:
         metrics["epochs"] = len(fitted.epochs)
     if not is_main_process():
         return StrategyResult(metrics=metrics)
-    classes = test.classes
+    if fitted is not None:
+        _save_members(ctx, options, members, specs, dataset, test.classes, metrics["members_val_accuracy"], member_test)
     record = ctx.store.save(
         ensemble.state_dict(), backbone=BACKBONE,
         config={"members": specs, "combine": combine, "weights": weights.tolist()},
-        dataset=dataset, classes=list(classes), metrics=metrics, parents=[s["id"] for s in specs],
+        dataset=dataset, classes=list(test.classes), metrics=metrics, parents=[s["id"] for s in specs],
         strategy=ctx.strategy, options=options, name=options["name"],
     )
     ctx.log(f"ensemble: saved model {record.id} (test accuracy {metrics['test_accuracy']:.4f}, best member "

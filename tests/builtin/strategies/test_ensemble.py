@@ -50,6 +50,7 @@ def test_members_trained_together_are_saved_with_the_ensemble(store, together):
         assert store.manifest(mid)["backbone"] == "mlp"
     m = together.metrics
     assert len(m["members_test_accuracy"]) == 3 and m["best_member_test_accuracy"] == max(m["members_test_accuracy"])
+    assert [store.manifest(i)["metrics"]["test_accuracy"] for i in member_ids] == m["members_test_accuracy"]
     assert m["weights"] == pytest.approx([1 / 3] * 3) and m["epochs"] == 2
     # the members differ (each its own initialisation) but saw the same batches
     states = [store.load(i)[0] for i in member_ids]
