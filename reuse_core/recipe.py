@@ -23,7 +23,8 @@ Every step is checked before the first one runs: strategy, option names, types a
 same :class:`~reuse_core.strategy.OptionError` text as the command line and Python), and model
 references (an earlier step, or a model in the store). A run directory holds ``recipe.json`` (the
 steps as run), one run directory per step under ``steps/``, and ``result.json`` at the end;
-``resume=True`` skips the finished steps and continues the interrupted one.
+``resume=True`` skips the finished steps and continues the interrupted one. A step's model is named
+``<recipe>.<step>`` in the store unless the step gives a ``name``.
 """
 from __future__ import annotations
 
@@ -246,11 +247,14 @@ def run(recipe: Recipe, *, store=None, run_dir: str | os.PathLike | None = None,
             continue
         if not quiet:
             print(f"[{i}/{len(recipe.steps)}] step {step.name!r} ({step.strategy})", flush=True)
+        strat = strategies.get(step.strategy)
+        options = recipe.step_options(step, strat)
+        if any(o.name == "name" for o in strat.options):  # `reuse models list` then says where a model came from
+            options.setdefault("name", f"{recipe.stem}.{step.name}")
         result = run_mod.run(
             step.strategy, store=store, run_dir=step_dir, device=device,
             resume=resume and (step_dir / run_mod.RUN_FILE).exists(), quiet=quiet, refs=refs,
-            where=f"{recipe.source}, step {step.name!r}",
-            **recipe.step_options(step, strategies.get(step.strategy)),
+            where=f"{recipe.source}, step {step.name!r}", **options,
         )
         results[step.name] = result
         if result.model is not None:

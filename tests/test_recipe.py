@@ -50,6 +50,7 @@ def test_steps_run_in_order_and_use_earlier_models_by_name(store, tmp_path):
     out = recipes.run(recipes.parse(RECIPE, "tiny.toml"), store=store, quiet=True)
     assert str(out.run_dir).startswith("runs/tiny-")
     teacher, transfer = out.steps["teacher"].model, out.steps["transfer"].model
+    assert store.manifest(teacher)["name"] == "tiny.teacher"
     lineage = store.manifest(transfer)["lineage"]
     assert lineage["parents"] == [teacher] and lineage["options"]["model"] == "teacher"
     assert lineage["options"]["seed"] == 1 and lineage["options"]["lr"] == 0.1, "[defaults] reach every step"
