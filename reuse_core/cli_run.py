@@ -183,7 +183,8 @@ def _run(args: argparse.Namespace) -> int:
         raw.update({k[4:]: v for k, v in vars(ns).items() if k.startswith("opt_")})
         result = run.run(args.target, store=ns.store, run_dir=ns.run_dir, device=ns.device, resume=ns.resume,
                          quiet=ns.quiet, **raw)
-        _print_result(args.target, result, ns.quiet)
+        if run.is_main_process():  # under torchrun, one report
+            _print_result(args.target, result, ns.quiet)
         return 0
     except (OptionError, RecipeError, run.RunError, StoreError, UnknownNameError) as e:
         return _fail(str(e))
