@@ -29,9 +29,9 @@ def test_cascade_for_an_accuracy_target(store, cheap, teacher):
     assert m["compute_vs_expensive"] == pytest.approx(m["test_mean_flops"] / big_flops)
     if m["target_met_on_val"]:
         assert m["val_accuracy"] >= 0.95 * m["expensive_val_accuracy"] - 1e-12
-    for c in m["calibration"]:
+    for c in m["calibration"]:  # (that calibration lowers ECE is tested on a constructed case in tests/combine)
         assert c["temperature"] > 0
-        assert c["val_ece_after"] <= c["val_ece_before"] + 1e-6  # NLL-fitted T rarely worsens ECE on its own data
+        assert all(0 <= c[k] <= 1 for k in ("val_ece_before", "val_ece_after", "test_ece_before", "test_ece_after"))
     run_dir = Path(result.run_dir)
     assert (run_dir / "cascade.png").stat().st_size > 0
     sweep = json.loads((run_dir / "cascade.json").read_text())
