@@ -15,6 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
+from reuse_core import demo_combine
 import torch
 
 from reuse_core import recipe as recipes
@@ -51,6 +52,30 @@ SECTIONS: list[Section] = [
               ("MLP distilled from the fine-tuned (5-9)", "transfer-student"),
               ("MLP from scratch (5-9, same labels)", "transfer-student-scratch")),
         comparisons=(("student", "student-scratch"), ("transfer-student", "transfer-student-scratch")),
+        reuse=("teacher", "transfer"),
+    ),
+    Section(
+        key="ensemble",
+        title="Ensemble: 4 small CNNs trained together (batched) on digits 5-9 with 5 labels per class",
+        recipe="digits-ensemble.toml",
+        rows=(("ensemble of 4 (probability average)", "ensemble"),),
+        comparisons=(("ensemble", "scratch"),),
+    ),
+    Section(
+        key="cascade",
+        title="Cascade: the distilled MLP before its CNN teacher (0-4), threshold for 99% of the teacher's accuracy",
+        recipe="digits-cascade.toml",
+        rows=(("cascade distilled MLP -> teacher CNN", "cascade"),),
+        comparisons=(),
+        reuse=("teacher", "student"),
+    ),
+    Section(
+        key="soup",
+        title="Soup: the fine-tuned CNN (5-9) three ways (lr 0.1, 0.05, 0.02), weights averaged",
+        recipe="digits-soup.toml",
+        rows=(("fine-tuned, lr 0.05, 30 epochs", "transfer-lr05"), ("fine-tuned, lr 0.02, 30 epochs", "transfer-lr02"),
+              ("greedy soup", "soup"), ("uniform soup", "uniform-soup")),
+        comparisons=(("soup", "transfer"),),
         reuse=("teacher", "transfer"),
     ),
 ]
@@ -134,6 +159,7 @@ def _run(sections, *, seeds, epochs_scale, out, store, device, quiet) -> DemoRep
     wall = time.perf_counter() - t0
     metrics = _summarise(sections, acc, curves, models, seeds=seeds, epochs_scale=epochs_scale, wall=wall,
                          store=str(store.root))
+    metrics["combination"] = demo_combine.summarise(metrics, run_dir)  # None without those sections
     table = format_table(metrics)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plots = write_plots(metrics, run_dir)
@@ -172,6 +198,7 @@ def format_table(metrics: dict) -> str:
             verdict = "yes" if c["holds"] else "NO"
             lines.append(f"   {c['method']} beats {c['baseline']}: {verdict} (mean gain {c['mean_gain'] * 100:+.2f} points, "
                          f"ahead in {c['wins']} of {c['seeds']} seeds)")
+    lines += (metrics.get("combination") or {}).get("lines", [])
     lines.append(f"wall time {metrics['wall_s']:.1f} s")
     return "\n".join(lines)
 
@@ -236,6 +263,7 @@ def format_report(metrics: dict, table: str, plots: list[str]) -> str:
             lines.append(f"- `{c['method']}` beats `{c['baseline']}`: {verdict}; mean gain {c['mean_gain'] * 100:+.2f} "
                          f"points, ahead in {c['wins']} of {c['seeds']} seeds.")
         lines.append("")
+    lines += demo_combine.report_section(metrics["combination"]) if metrics.get("combination") else []
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     lines += ["## Table", "", "```", table, "```", "",
               f"The models are in the store at `{metrics['store']}`: "

@@ -6,6 +6,8 @@ import json
 
 from reuse_core import cli, demo
 
+UNTRAINED = {"cascade", "soup", "uniform-soup"}
+
 
 def test_reduced_demo_writes_its_report(tmp_path, capsys):
     out = tmp_path / "demo"
@@ -16,7 +18,8 @@ def test_reduced_demo_writes_its_report(tmp_path, capsys):
     assert [s["key"] for s in metrics["sections"]] == [s.key for s in demo.SECTIONS]
     for sec in metrics["sections"]:
         for row in sec["rows"]:
-            assert len(row["test_accuracy"]) == 2 and 0 <= row["mean"] <= 1 and len(row["val_curves"][0]) == 1
+            trained = row["step"] not in UNTRAINED  # these combine stored models: no epochs, no curve
+            assert len(row["test_accuracy"]) == 2 and 0 <= row["mean"] <= 1 and len(row["val_curves"][0]) == trained
             assert row["label"] in printed
         for c in sec["comparisons"]:
             assert c["seeds"] == 2 and f"{c['method']} beats {c['baseline']}" in printed
@@ -29,7 +32,12 @@ def test_reduced_demo_writes_its_report(tmp_path, capsys):
     assert not (out / "seed-1" / "distill" / "steps" / "teacher").exists()
     store = out / "store" / "models"
     made = {step for sec in demo.SECTIONS for _, step in sec.rows} | {"scratch"}  # each once per seed
-    assert len(list(store.iterdir())) == 2 * len(made)
+    made = len(made - {"cascade"}) + 4  # the cascade saves no model; the ensemble its 4 members too
+    assert len(list(store.iterdir())) == 2 * made
+    combination = metrics["combination"]
+    assert len(combination["ensemble"]["best_member"]) == len(combination["cascade"]["compute_vs_expensive"]) == 2
+    assert "ensemble beats its best member" in printed and "![cascade.png](cascade.png)" in report
+    assert (out / "cascade.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_demo_flags_exit_2(capsys):

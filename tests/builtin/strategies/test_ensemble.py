@@ -114,12 +114,10 @@ def test_distilling_an_ensemble_into_one_student(store, together):
 
 
 TORCHRUN_SCRIPT = """
-import os, sys
+import sys
 from reuse_core import run
 from reuse_core.store import ModelStore
-# one run directory per rank: run.run's "already holds a run" check would see rank 0's run.json
-run_dir = sys.argv[2] + "-rank" + os.environ.get("RANK", "0")
-r = run.run("ensemble", store=ModelStore(sys.argv[1]), run_dir=run_dir, quiet=True, **{opts!r})
+r = run.run("ensemble", store=ModelStore(sys.argv[1]), run_dir=sys.argv[2], quiet=True, **{opts!r})
 print("models", r.models)
 """
 
