@@ -1,10 +1,10 @@
 // CPU flash attention: forward and backward drivers. The products of each (query tile, key
-// tile) pair are BLAS gemms (ATen's cpublas, MKL in the x86 wheels); the softmax steps between
-// them are the vectorised tile kernels of attention_cpu_rows.h, instantiated here (portable,
-// and the only path for float64) and in attention_cpu_avx2.cpp / attention_cpu_avx512.cpp.
-// Only O and the per-row softmax statistics leave the forward; the backward recomputes P tile by tile.
-// Extra memory is O(L): per-thread tiles, plus float32 copies of bfloat16 inputs and per-query-
-// head dK/dV accumulators under grouped-query attention.
+// tile) pair are BLAS gemms (the BLAS libtorch links, MKL in the x86 wheels); the softmax steps
+// between them are the vectorised tile kernels of attention_cpu_rows.h, instantiated here
+// (portable, and the only path for float64) and in attention_cpu_avx2.cpp / _avx512.cpp.
+// Only O and the per-row softmax statistics leave the forward; the backward recomputes P tile
+// by tile. Extra memory is O(L): per-thread tiles, plus float32 copies of bfloat16 inputs and
+// per-query-head dK/dV accumulators under grouped-query attention.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
