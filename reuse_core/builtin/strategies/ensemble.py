@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from reuse_core.builtin.strategies.common import (
-    NAME_OPTION, backbone_options, data_options, fit, load_splits, parse_classes, parse_config, train_options,
+    NAME_OPTION, backbone_options, build_model, data_options, fit, load_splits, parse_classes, train_options,
 )
 from reuse_core.builtin.strategies.distill import class_indices
 from reuse_core.combine import (
@@ -94,10 +94,10 @@ def _trained_members(ctx, options):
         raise ValueError("ensemble: give --members (stored models) or --backbone (members trained here)")
     options = {**options, "dataset": options["dataset"] or "digits"}
     train, val, test = load_splits(options)
-    config = {"in_channels": train.in_channels, **parse_config(options["backbone_config"])}
-    torch.manual_seed(options["seed"])  # each member's initial weights: the next draws of one seeded stream
-    joint = JointMembers([backbone.build(options["backbone"], len(train.classes), **config)
-                          for _ in range(options["num_members"])])
+    # member 0 starts as a pretrain with this seed would; the others from the next draws of its stream
+    first, config = build_model(options, train)
+    joint = JointMembers([first, *(backbone.build(options["backbone"], len(train.classes), **config)
+                                   for _ in range(options["num_members"] - 1))])
     fitted = fit(ctx, joint, train, val, options, loss_fn=_joint_loss)
     members = [m.eval() for m in joint.batched.unstack()]
     specs = [{"id": None, "backbone": options["backbone"], "config": config} for _ in members]
