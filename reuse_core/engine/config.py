@@ -29,7 +29,8 @@ class TrainConfig:
     at the full ``lr`` (use a scale below 1 for reused layers, 0 freezes them in all but name).
     ``warmup_epochs`` may be fractional; the learning rate is updated every optimizer step.
     ``amp`` takes effect on CUDA only (float16 autocast with a gradient scaler).
-    ``progress``: tqdm bars on a terminal; ``False`` silences them everywhere.
+    ``progress``: a line per finished epoch (loss, accuracy, time), plus tqdm bars on a terminal;
+    ``False`` silences both.
     """
 
     epochs: int = 10

@@ -134,6 +134,15 @@ def _epoch_plan(n: int, order: torch.Generator, config: TrainConfig, world: int)
     return steps
 
 
+def _epoch_line(row: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['train_loss']:.4f}"]
+    if row.get("train_accuracy") is not None:
+        parts.append(f"accuracy {row['train_accuracy']:.4f}")
+    if "val_accuracy" in row:
+        parts.append(f"val_loss {row['val_loss']:.4f}  val_accuracy {row['val_accuracy']:.4f}")
+    return "  ".join(parts) + f"  ({row['time_s']:.1f} s)"
+
+
 def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
     now = config.to_dict()
     changed = [k for k in now if k not in RESUME_FREE and saved.get(k) != now[k]]
@@ -270,6 +279,8 @@ def _fit(model, train_data, val_data, *, loss_fn, config, run_dir, hooks, strate
                 "data_order": order.get_state(), "metrics": history, "config": config.to_dict(),
             })
             log.append(row)
+            if config.progress:
+                tqdm.write(_epoch_line(row, config.epochs), file=sys.stderr)
             hooks.reuse_epoch_end(strategy=strategy, epoch=epoch, metrics=dict(row))
         ctx.barrier()
 

@@ -45,6 +45,7 @@ def train_options(*, epochs: int = 10, lr: float = 0.05, optimizer: str = "sgd",
         Option("batch_size", int, batch_size, "examples per batch", check=positive),
         Option("lr", float, lr, "learning rate", check=positive),
         Option("optimizer", str, optimizer, "optimizer", choices=("sgd", "adam", "adamw")),
+        Option("momentum", float, 0.9, "SGD momentum (0: plain SGD)", check=non_negative),
         Option("weight_decay", float, 5e-4, "weight decay", check=non_negative),
         Option("schedule", str, "cosine", "learning-rate schedule", choices=("constant", "step", "cosine")),
         Option("warmup_epochs", float, 0.0, "epochs of linear learning-rate warm-up", check=non_negative),
@@ -147,7 +148,16 @@ def build_model(options: dict, data, prefix: str = ""):
     initial weights follow the seed."""
     from reuse_core import backbone
 
+    import inspect
+
+    from reuse_core import plugins
+
     config = {"in_channels": data.in_channels, **parse_config(options[f"{prefix}backbone_config"])}
+    # Backbones sized for their input (seed-cnn, mlp) take it from the data unless the config says.
+    height, width = data.input_size
+    factory = plugins.backbones().get(options[f"{prefix}backbone"])
+    if height == width and "input_size" in inspect.signature(factory).parameters:
+        config.setdefault("input_size", height)
     torch.manual_seed(options["seed"])
     return backbone.build(options[f"{prefix}backbone"], len(data.classes), **config), config
 
@@ -155,7 +165,7 @@ def build_model(options: dict, data, prefix: str = ""):
 def train_config(ctx, options: dict, **overrides):
     from reuse_core.engine import TrainConfig
 
-    keys = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "warmup_epochs", "seed")
+    keys = ("epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "schedule", "warmup_epochs", "seed")
     return TrainConfig(**{k: options[k] for k in keys}, progress=not ctx.quiet, **overrides)
 
 

@@ -151,6 +151,8 @@ def run(ctx, options: dict) -> StrategyResult:
         dataset=dataset, classes=list(test.classes), metrics=metrics, parents=[s["id"] for s in specs],
         strategy=ctx.strategy, options=options, name=options["name"],
     )
+    for k, (spec, acc) in enumerate(zip(specs, member_test)):
+        ctx.log(f"ensemble: member {k} ({spec['id']}) test accuracy {acc:.4f}")
     ctx.log(f"ensemble: saved model {record.id} (test accuracy {metrics['test_accuracy']:.4f}, best member "
             f"{metrics['best_member_test_accuracy']:.4f})")
     return StrategyResult(metrics=metrics, models=[s["id"] for s in specs if fitted is not None] + [record.id])

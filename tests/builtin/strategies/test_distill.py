@@ -16,7 +16,7 @@ STUDENT = dict(student_backbone="mlp", student_backbone_config=["hidden=[16]"], 
 def test_distill_saves_a_student_under_its_teacher(store, teacher):
     result = reuse_run.run("distill", store=store, quiet=True, teacher=teacher.model, **STUDENT)
     manifest = store.manifest(result.model)
-    assert manifest["backbone"] == "mlp" and manifest["config"] == {"in_channels": 1, "hidden": [16]}
+    assert manifest["backbone"] == "mlp" and manifest["config"] == {"in_channels": 1, "hidden": [16], "input_size": 8}
     assert manifest["classes"] == store.manifest(teacher.model)["classes"], "default: the teacher's classes"
     assert manifest["lineage"]["parents"] == [teacher.model] and manifest["lineage"]["strategy"] == "distill"
     cache = torch.load(Path(result.run_dir) / distill.CACHE_FILE, weights_only=True)
