@@ -21,7 +21,7 @@ import torch
 from reuse_core import recipe as recipes
 from reuse_core.run import default_store, new_run_dir
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parent / "recipes"  # shipped in the package; ./recipes links here
 
 
 @dataclasses.dataclass(frozen=True)
