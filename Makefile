@@ -1,5 +1,5 @@
-# The two entry points named in the README: `make bench` (set up, then the main job) and
-# `make test` (set up, then the whole test suite). The first run creates .venv and builds the
+# The two entry points named in the README: `make demo` (set up, then the main job: `reuse demo`)
+# and `make test` (set up, then the whole test suite); `make bench` runs the kernel benchmarks. The first run creates .venv and builds the
 # extension; later runs reuse both and recompile only the kernels that changed.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 EXT_SOURCES := $(shell find csrc -type f) setup.py
 
-.PHONY: setup bench test clean
+.PHONY: setup demo bench test clean
 
 setup: $(VENV)/.ext-stamp
 
@@ -22,6 +22,9 @@ $(VENV)/.deps-stamp: pyproject.toml
 $(VENV)/.ext-stamp: $(VENV)/.deps-stamp $(EXT_SOURCES)
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
+
+demo: setup
+	$(VENV)/bin/reuse demo
 
 bench: setup
 	$(VENV)/bin/reuse bench
