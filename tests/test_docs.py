@@ -43,3 +43,24 @@ def test_every_example_is_linked_from_the_docs():
     docs = "\n".join(p.read_text() for p in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
     for script in (ROOT / "examples").glob("*.py"):
         assert f"examples/{script.name}" in docs, f"{script.name} is not mentioned in README.md or docs/"
+
+
+def test_strategy_page_documents_every_builtin_option():
+    """docs/strategies.md has a section per built-in strategy whose table names every option with
+    its type and default, so the page cannot fall behind the schema."""
+    from reuse_core import plugins
+
+    page = (ROOT / "docs" / "strategies.md").read_text()
+    registry = plugins.strategies()
+    builtin = [n for n in registry.names() if registry.entry(n).plugin == "reuse_core.builtin.strategies"]
+    assert builtin, "no built-in strategies registered"
+    for name in builtin:
+        start = page.find(f"## `{name}`")
+        assert start >= 0, f"docs/strategies.md has no section for {name!r}"
+        end = page.find("\n## ", start + 1)
+        section = page[start:end if end > 0 else None]
+        for o in registry.get(name).options:
+            default = "required" if o.required else ("none" if o.default is None else f"`{o.default}`")
+            row = re.search(rf"^\| `{re.escape(o.flag)}` \| {o.type.__name__}\b[^|]* \| (.*?) \|", section, re.M)
+            assert row, f"docs/strategies.md, {name}: no row for {o.flag}"
+            assert row.group(1) == default, f"docs/strategies.md, {name} {o.flag}: default {row.group(1)} != {default}"
