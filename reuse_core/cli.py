@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reuse",
         description="reuse-core: reuse trained models and move knowledge between them "
-        "(fused distillation and ensemble-averaging kernels for PyTorch).",
+        "(fused distillation, ensemble-averaging and attention kernels for PyTorch).",
         epilog="Run `reuse <command> --help` for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"reuse-core {__version__}")

@@ -31,8 +31,10 @@ DEMO_EPILOG = """\
 On the embedded digits data (no download), for each seed: pretrain a teacher on classes 0-4,
 fine-tune it to classes 5-9 with a few labels per class against the same network trained from
 scratch on the same labels, then distill the teacher and the fine-tuned model into a much smaller
-MLP student against that student trained from scratch on the same labels (plus the sections other
-strategies add). The steps are the recipes in recipes/digits-*.toml, run the same way as
+MLP student against that student trained from scratch on the same labels; then combine models:
+an ensemble of four CNNs trained together against its best member, a cascade of the student and
+its teacher (accuracy against compute, cascade.png), and a soup of fine-tuned models against its
+ingredients. The steps are the recipes in recipes/digits-*.toml, run the same way as
 `reuse run`. It prints a table of test accuracies (mean +- standard deviation over the seeds) and
 writes report.md, metrics.json and PNG plots into a run directory it names at the end (the models
 go to a store inside it unless --store is given).
@@ -215,6 +217,6 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 VERBS = [
     ("run", "run a reuse strategy (pretrain, finetune, distill, ...) or a recipe of steps", RUN_EPILOG, _add_run, _run),
-    ("demo", "pretrain, fine-tune and distill on the embedded digits data, with baselines, and report",
+    ("demo", "pretrain, fine-tune, distill and combine models on the embedded digits data, with baselines, and report",
      DEMO_EPILOG, _add_demo, _run_demo),
 ]
