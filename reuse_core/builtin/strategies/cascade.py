@@ -119,7 +119,7 @@ CASCADE = Strategy(
         Option("compute_budget", float, None, "instead: the most accurate threshold whose mean FLOPs per sample "
                "stay within this fraction of the last model's (replaces --accuracy-target)", check=positive),
         Option("calibrate", bool, True, "temperature-scale each model on the validation split first"),
-        *(o for o in data_options(inherit_from="first model") if o.name != "label_budget"),
+        *(o for o in data_options(inherit_from="first model", classes_help="the dataset's class indices for the models' outputs, in order, e.g. 0-4 (default: the first model's classes)") if o.name != "label_budget"),
         Option("seed", int, 0, "seed of the data split (use the models' own)"),
     ),
     run=run,

@@ -68,7 +68,7 @@ SOUP = Strategy(
                "or names)", ref=True),
         Option("method", str, "greedy", "uniform: average all; greedy: best first, keep each only if the "
                "validation accuracy improves", choices=METHODS),
-        *(o for o in data_options(inherit_from="first model") if o.name != "label_budget"),
+        *(o for o in data_options(inherit_from="first model", classes_help="the dataset's class indices for the models' outputs, in order, e.g. 0-4 (default: the first model's classes)") if o.name != "label_budget"),
         Option("seed", int, 0, "seed of the data split (use the models' own)"),
         NAME_OPTION,
     ),
