@@ -72,7 +72,7 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
             q = F.linear(query, self.q_proj_weight, bq)
             k = F.linear(key, self.k_proj_weight, bk)
             v = F.linear(value, self.v_proj_weight, bv)
-        B, Lq, Lk = q.shape[0], q.shape[1], k.shape[1]
+        B, Lq = q.shape[0], q.shape[1]
         # (B, L, E) -> (B, H, L, E/H) views; the kernel takes them as they are
         q, k, v = (x.unflatten(-1, (H, E // H)).transpose(1, 2) for x in (q, k, v))
         out = attention(q, k, v, causal=is_causal, key_padding_mask=key_padding_mask)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from tests.engine import fit_script
