@@ -1,10 +1,11 @@
 """``reuse demo``: the toolkit's main job on the embedded digits data, measured against baselines.
 
-The demo is a list of :class:`Section` s. Each runs one recipe from ``recipes/`` (the same code path
-as ``reuse run RECIPE.toml``) once per seed, may reuse models an earlier section made (its
-``reuse`` steps are bound to them instead of running again), and contributes rows to the results
-table and comparisons "method beats baseline". Adding a section (ensembles, weight averaging) is
-adding a recipe and an entry to :data:`SECTIONS`.
+The demo is a list of sections (:data:`SECTIONS`, see :mod:`reuse_core.demo.sections`). Each runs
+one recipe from ``recipes/`` (the same code path as ``reuse run RECIPE.toml``) once per seed, may
+reuse models an earlier section made (its ``reuse`` steps are bound to them instead of running
+again), and contributes rows to the results table, comparisons "method beats baseline" and, for the
+combination sections, its goals. Adding a section is adding a recipe and an entry to
+:data:`SECTIONS`.
 """
 from __future__ import annotations
 
@@ -15,70 +16,13 @@ import statistics
 import time
 from pathlib import Path
 
-from reuse_core import demo_combine
 import torch
 
 from reuse_core import recipe as recipes
+from reuse_core.demo.sections import SECTIONS, Goals, Section
 from reuse_core.run import default_store, new_run_dir
 
-RECIPES = Path(__file__).resolve().parent / "recipes"  # shipped in the package; ./recipes links here
-
-
-@dataclasses.dataclass(frozen=True)
-class Section:
-    key: str
-    title: str
-    recipe: str                           # file name under recipes/
-    rows: tuple[tuple[str, str], ...]     # (row label, step name), in table order
-    comparisons: tuple[tuple[str, str], ...]  # (method step, baseline step): the method should win
-    reuse: tuple[str, ...] = ()           # steps whose models earlier sections made
-
-
-SECTIONS: list[Section] = [
-    Section(
-        key="transfer",
-        title="Transfer: pretrain on digits 0-4, fine-tune to 5-9 with few labels",
-        recipe="digits-transfer.toml",
-        rows=(("teacher (0-4, all labels)", "teacher"), ("fine-tuned (5-9, few labels)", "transfer"),
-              ("from scratch (5-9, same labels)", "scratch")),
-        comparisons=(("transfer", "scratch"),),
-    ),
-    Section(
-        key="distill",
-        title="Distillation: the CNNs into a small MLP student with few labels",
-        recipe="digits-distill.toml",
-        rows=(("MLP distilled from the teacher (0-4)", "student"),
-              ("MLP from scratch (0-4, same labels)", "student-scratch"),
-              ("MLP distilled from the fine-tuned (5-9)", "transfer-student"),
-              ("MLP from scratch (5-9, same labels)", "transfer-student-scratch")),
-        comparisons=(("student", "student-scratch"), ("transfer-student", "transfer-student-scratch")),
-        reuse=("teacher", "transfer"),
-    ),
-    Section(
-        key="ensemble",
-        title="Ensemble: 4 small CNNs trained together (batched) on digits 5-9 with 5 labels per class",
-        recipe="digits-ensemble.toml",
-        rows=(("ensemble of 4 (probability average)", "ensemble"),),
-        comparisons=(("ensemble", "scratch"),),
-    ),
-    Section(
-        key="cascade",
-        title="Cascade: the distilled MLP before its CNN teacher (0-4), threshold for 99% of the teacher's accuracy",
-        recipe="digits-cascade.toml",
-        rows=(("cascade distilled MLP -> teacher CNN", "cascade"),),
-        comparisons=(),
-        reuse=("teacher", "student"),
-    ),
-    Section(
-        key="soup",
-        title="Soup: the fine-tuned CNN (5-9) three ways (lr 0.1, 0.05, 0.02), weights averaged",
-        recipe="digits-soup.toml",
-        rows=(("fine-tuned, lr 0.05, 30 epochs", "transfer-lr05"), ("fine-tuned, lr 0.02, 30 epochs", "transfer-lr02"),
-              ("greedy soup", "soup"), ("uniform soup", "uniform-soup")),
-        comparisons=(("soup", "transfer"),),
-        reuse=("teacher", "transfer"),
-    ),
-]
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"  # shipped in the package; ./recipes links here
 
 
 @dataclasses.dataclass
@@ -136,30 +80,25 @@ def _run(sections, *, seeds, epochs_scale, out, store, device, quiet) -> DemoRep
     run_dir.mkdir(parents=True, exist_ok=True)
     store = default_store(store if store is not None else run_dir / "store")
     t0 = time.perf_counter()
-    acc: dict[str, list[float]] = {}       # step -> test accuracy per seed
-    curves: dict[str, list[list[float]]] = {}
-    models: dict[str, list[str]] = {}
+    runs: dict[str, list[recipes.RecipeResult]] = {sec.key: [] for sec in sections}  # per seed
+    made: dict[str, list] = {}  # step -> its StrategyResult per seed, from the section that ran it
     for seed in range(seeds):
-        made: dict[str, str] = {}
         for sec in sections:
             r = scale_epochs(recipes.load(RECIPES / sec.recipe).override("seed", seed), epochs_scale)
             t = time.perf_counter()
             res = recipes.run(r, store=store, run_dir=run_dir / f"seed-{seed}" / sec.key, device=device, quiet=True,
-                              models={s: made[s] for s in sec.reuse})
+                              models={s: made[s][seed].model for s in sec.reuse})
+            runs[sec.key].append(res)
             for name, result in res.steps.items():
-                if name in sec.reuse:
-                    continue
-                made[name] = result.model
-                acc.setdefault(name, []).append(result.metrics["test_accuracy"])
-                curves.setdefault(name, []).append(_curve(res.run_dir / "steps" / name))
-                models.setdefault(name, []).append(result.model)
+                if name not in sec.reuse:
+                    made.setdefault(name, []).append(result)
             if not quiet:
                 line = ", ".join(f"{n} {res.steps[n].metrics['test_accuracy']:.3f}" for _, n in sec.rows)
                 print(f"seed {seed} {sec.key:<10} {time.perf_counter() - t:5.1f} s  test accuracy: {line}", flush=True)
     wall = time.perf_counter() - t0
-    metrics = _summarise(sections, acc, curves, models, seeds=seeds, epochs_scale=epochs_scale, wall=wall,
-                         store=str(store.root))
-    metrics["combination"] = demo_combine.summarise(metrics, run_dir)  # None without those sections
+    metrics = _summarise(sections, made, seeds=seeds, epochs_scale=epochs_scale, wall=wall, store=str(store.root))
+    goals = {sec.key: g for sec in sections if (g := sec.goals(runs[sec.key], run_dir)) is not None}
+    metrics["combination"] = _combination(goals)
     table = format_table(metrics)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plots = write_plots(metrics, run_dir)
@@ -167,7 +106,8 @@ def _run(sections, *, seeds, epochs_scale, out, store, device, quiet) -> DemoRep
     return DemoReport(run_dir, table, metrics)
 
 
-def _summarise(sections, acc, curves, models, *, seeds, epochs_scale, wall, store) -> dict:
+def _summarise(sections, made, *, seeds, epochs_scale, wall, store) -> dict:
+    acc = {step: [r.metrics["test_accuracy"] for r in results] for step, results in made.items()}
     out = {"seeds": list(range(seeds)), "epochs_scale": epochs_scale, "wall_s": round(wall, 1), "store": store,
            "created": datetime.datetime.now().isoformat(timespec="seconds"), "sections": []}
     for sec in sections:
@@ -175,7 +115,8 @@ def _summarise(sections, acc, curves, models, *, seeds, epochs_scale, wall, stor
         for label, step in sec.rows:
             mean, sd = _mean_sd(acc[step])
             rows.append({"label": label, "step": step, "test_accuracy": acc[step], "mean": mean, "sd": sd,
-                         "models": models[step], "val_curves": curves[step]})
+                         "models": [r.model for r in made[step]],
+                         "val_curves": [_curve(Path(r.run_dir)) for r in made[step]]})
         comps = []
         for method, base in sec.comparisons:
             diffs = [a - b for a, b in zip(acc[method], acc[base])]
@@ -185,6 +126,16 @@ def _summarise(sections, acc, curves, models, *, seeds, epochs_scale, wall, stor
         out["sections"].append({"key": sec.key, "title": sec.title, "recipe": f"recipes/{sec.recipe}",
                                 "rows": rows, "comparisons": comps})
     return out
+
+
+def _combination(goals: dict[str, Goals]) -> dict | None:
+    """metrics.json's "combination": each section's goals under its key, their lines and plots
+    (None when no section has goals)."""
+    if not goals:
+        return None
+    return {**{key: g.summary for key, g in goals.items()},
+            "lines": ["-- Combination goals", *(line for g in goals.values() for line in g.lines)],
+            "plots": [p for g in goals.values() for p in g.plots]}
 
 
 def format_table(metrics: dict) -> str:
@@ -263,10 +214,11 @@ def format_report(metrics: dict, table: str, plots: list[str]) -> str:
             lines.append(f"- `{c['method']}` beats `{c['baseline']}`: {verdict}; mean gain {c['mean_gain'] * 100:+.2f} "
                          f"points, ahead in {c['wins']} of {c['seeds']} seeds.")
         lines.append("")
-    lines += demo_combine.report_section(metrics["combination"]) if metrics.get("combination") else []
+    if comb := metrics.get("combination"):
+        lines += ["## Combination goals", "", *[f"- {line.strip()}" for line in comb["lines"][1:]], "",
+                  *[f"![{p}]({p})" for p in comb["plots"]], ""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     lines += ["## Table", "", "```", table, "```", "",
               f"The models are in the store at `{metrics['store']}`: "
               f"`reuse models --store {metrics['store']} list`, then `lineage ID` shows how knowledge flowed.", ""]
     return "\n".join(lines)
-
