@@ -4,7 +4,9 @@ A plugin like any other: it only implements ``reuse_register_backbones``. Every 
 backbone contract (:mod:`reuse_core.backbone`): built for any ``num_classes`` and ``in_channels``,
 with ``head_name`` and ``block_names`` set. torchvision models are built with ``weights=None``
 (nothing is downloaded); those that need a minimum (or a fixed) input size say so in their registry
-entry and refuse smaller inputs with a clear error.
+entry and refuse smaller inputs with a clear error. The torchvision models are listed from a table
+(:mod:`reuse_core.builtin.torchvision_models`): registering and listing them never imports
+torchvision, building one does.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import functools
 from torch import nn
 
 from reuse_core.backbone import BackboneError, InputSizeCheck
-from reuse_core.builtin.attention_backbone import vit_tiny
+from reuse_core.builtin.torchvision_models import MODELS as TORCHVISION_MODELS
 from reuse_core.hookspecs import hookimpl
 
 
@@ -97,12 +99,6 @@ MIN_INPUT_SIZE: dict[str, int] = {
 FIXED_INPUT_SIZE: dict[str, str] = {"vision_transformer": "image_size", "maxvit": "input_size"}
 
 
-def _family(tv_name: str) -> str:
-    from torchvision import models
-
-    return models.get_model_builder(tv_name).__module__.rsplit(".", 1)[1]
-
-
 def _find_head(model: nn.Module, num_classes: int) -> str:
     # The head is the last Linear (a 1x1 Conv2d for SqueezeNet) producing num_classes outputs.
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
@@ -151,7 +147,7 @@ def build_torchvision(tv_name: str, num_classes: int, in_channels: int = 3, **co
     to the torchvision builder; ViT and MaxViT take ``image_size`` (default 224)."""
     from torchvision import models
 
-    family = _family(tv_name)
+    family = TORCHVISION_MODELS[tv_name]
     kwargs = dict(config)
     if family in ("googlenet", "inception"):
         # Auxiliary classifiers make forward return a tuple in training mode: off by default.
@@ -175,12 +171,10 @@ def build_torchvision(tv_name: str, num_classes: int, in_channels: int = 3, **co
 
 
 def torchvision_entries() -> list[tuple[str, str, dict]]:
-    """(name, description, meta) for every torchvision classification model."""
-    from torchvision import models
-
+    """(name, description, meta) for every torchvision classification model, from the table in
+    :mod:`reuse_core.builtin.torchvision_models` (torchvision is imported only to build one)."""
     out = []
-    for tv_name in models.list_models(module=models):
-        family = _family(tv_name)
+    for tv_name, family in TORCHVISION_MODELS.items():
         fixed = family in FIXED_INPUT_SIZE
         min_size = 224 if fixed else MIN_INPUT_SIZE.get(family)
         what = f"torchvision {tv_name}, untrained (weights=None)"
@@ -188,6 +182,14 @@ def torchvision_entries() -> list[tuple[str, str, dict]]:
             what += "; inputs exactly image_size x image_size (config image_size, default 224)"
         out.append((tv_name, what, {"family": family, "min_input_size": min_size, "fixed_input_size": fixed}))
     return out
+
+
+def vit_tiny(num_classes: int, in_channels: int = 3, **config) -> nn.Module:
+    """:func:`reuse_core.builtin.attention_backbone.vit_tiny`, imported when first built (it loads
+    the fused attention kernels)."""
+    from reuse_core.builtin import attention_backbone
+
+    return attention_backbone.vit_tiny(num_classes, in_channels, **config)
 
 
 @hookimpl

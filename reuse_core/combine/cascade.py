@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 # At most this many thresholds in a sweep (quantiles of the confidences when there are more).
 MAX_THRESHOLDS = 512
@@ -23,6 +22,8 @@ MAX_THRESHOLDS = 512
 def flops_per_sample(model: nn.Module, example: torch.Tensor) -> float:
     """Forward FLOPs per sample of ``model`` on the batch ``example`` (PyTorch's FLOP counter:
     matrix products and convolutions; elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode  # imports triton: 0.1 s that listing commands skip
+
     was_training = model.training
     model.eval()
     try:

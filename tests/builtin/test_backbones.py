@@ -9,6 +9,8 @@ from torchvision import models
 
 from reuse_core import backbone, plugins
 from reuse_core.backbone import BackboneError
+from reuse_core.builtin.backbones import FIXED_INPUT_SIZE, MIN_INPUT_SIZE
+from reuse_core.builtin.torchvision_models import FAMILIES, MODELS
 
 # The smallest model of each torchvision family (families = torchvision's model modules).
 REPRESENTATIVES = {
@@ -49,6 +51,24 @@ def test_every_torchvision_classification_model_is_registered():
     assert reg.entry("inception_v3").meta["min_input_size"] == 75
     assert reg.entry("resnet50").meta["min_input_size"] is None
     assert reg.entry("vit_b_16").meta == {"family": "vision_transformer", "min_input_size": 224, "fixed_input_size": True}
+
+
+def test_the_torchvision_table_is_the_installed_torchvision():
+    """The table registration reads (so as not to import torchvision) against torchvision itself:
+    a torchvision that adds, removes or moves a model fails here; update the table then."""
+    names = models.list_models(module=models)
+    assert list(MODELS) == names
+    assert sum(len(v) for v in FAMILIES.values()) == len(MODELS)  # no model listed twice
+    reg = plugins.backbones()
+    for n in names:
+        family = models.get_model_builder(n).__module__.rsplit(".", 1)[1]
+        assert MODELS[n] == family, n
+        fixed = family in FIXED_INPUT_SIZE
+        description = f"torchvision {n}, untrained (weights=None)" + (
+            "; inputs exactly image_size x image_size (config image_size, default 224)" if fixed else "")
+        assert reg.entry(n).description == description
+        assert reg.entry(n).meta == {"family": family, "min_input_size": 224 if fixed else MIN_INPUT_SIZE.get(family),
+                                     "fixed_input_size": fixed}
 
 
 @pytest.mark.parametrize("family", sorted(REPRESENTATIVES))
