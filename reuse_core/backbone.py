@@ -12,12 +12,13 @@ With these, fine-tuning can swap the head (:func:`replace_head`), freeze everyth
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-BackboneFactory = Callable[..., nn.Module]
+from reuse_core.hookspecs import BackboneFactory
+
+__all__ = ["BackboneError", "BackboneFactory", "InputSizeCheck", "build", "check_backbone", "feature_blocks",
+           "freeze_features", "get_head", "head_parameters", "replace_head", "set_head"]
 
 
 class BackboneError(ValueError):

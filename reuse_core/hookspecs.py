@@ -10,10 +10,12 @@ first, then third-party plugins). Lifecycle hooks run during a training run; the
 it hands the engine a relay (``reuse_core.plugins.lifecycle_relay()``) that calls them with keyword
 arguments.
 
-This module imports nothing of the project (the types are for readers and type checkers only).
+This module imports nothing of the project, so any module may import it. Its annotations are text,
+never evaluated: ``Registry`` is :class:`reuse_core.registry.Registry`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -21,9 +23,10 @@ import pluggy
 if TYPE_CHECKING:
     import torch
 
-    from reuse_core.backbone import BackboneFactory
-    from reuse_core.data import DatasetProvider
-    from reuse_core.registry import Registry
+# What the register hooks add: a backbone factory builds a torch.nn.Module (the backbone contract,
+# docs/plugins.md); a dataset provider returns a torch.utils.data.Dataset (:mod:`reuse_core.data`).
+BackboneFactory = Callable[..., Any]
+DatasetProvider = Callable[..., Any]
 
 hookspec = pluggy.HookspecMarker("reuse_core")
 hookimpl = pluggy.HookimplMarker("reuse_core")

@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from reuse_core.files import read_json, write_json
 from reuse_core.strategy import OptionError, StrategyResult
 
 if sys.version_info >= (3, 11):
@@ -219,7 +220,7 @@ def run(recipe: Recipe, *, store=None, run_dir: str | os.PathLike | None = None,
     check(recipe, store=store)
     if resume:
         run_dir = Path(run_dir) if run_dir is not None else run_mod.latest_unfinished(recipe.stem, RECIPE_FILE)
-        recorded = run_mod.read_json(run_dir / RECIPE_FILE)
+        recorded = read_json(run_dir / RECIPE_FILE)
         if recorded is None:
             raise run_mod.RunError(f"nothing to resume in {run_dir}: it has no {RECIPE_FILE}")
         if recorded["steps"] != recipe.as_dict()["steps"] or recorded.get("defaults", {}) != recipe.defaults:
@@ -230,7 +231,7 @@ def run(recipe: Recipe, *, store=None, run_dir: str | os.PathLike | None = None,
         run_dir.mkdir(parents=True, exist_ok=True)
         if (run_dir / RECIPE_FILE).exists():
             raise run_mod.RunError(f"{run_dir} already holds a recipe run: pass resume=True (--resume) or another run directory")
-        run_mod.write_json(run_dir / RECIPE_FILE, recipe.as_dict())
+        write_json(run_dir / RECIPE_FILE, recipe.as_dict())
     strategies = _registry()
     refs: dict[str, str] = {}
     results: dict[str, StrategyResult] = {}
@@ -259,7 +260,7 @@ def run(recipe: Recipe, *, store=None, run_dir: str | os.PathLike | None = None,
         results[step.name] = result
         if result.model is not None:
             refs[step.name] = result.model
-    run_mod.write_json(run_dir / run_mod.RESULT_FILE, {
+    write_json(run_dir / run_mod.RESULT_FILE, {
         "steps": {n: {"strategy": s.strategy, "metrics": results[n].metrics, "models": results[n].models}
                   for n, s in ((s.name, s) for s in recipe.steps)},
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -9,18 +9,20 @@ run has finished; ``resume=True`` continues from there.
 from __future__ import annotations
 
 import datetime
-import json
 import os
+import secrets
 import sys
 import types
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from reuse_core.engine.distributed import is_main_process
+from reuse_core.files import read_json, write_json
 from reuse_core.strategy import OptionError, StrategyResult
+from reuse_core.strategy.context import RunContext
+
+__all__ = ["RunContext", "RunError", "run"]
 
 RUNS_DIR = Path("runs")
 RUN_FILE = "run.json"
@@ -29,53 +31,6 @@ RESULT_FILE = "result.json"
 
 class RunError(RuntimeError):
     """A run cannot start or continue: no run to resume, options changed since, an unknown model."""
-
-
-def is_main_process() -> bool:
-    """False on the non-zero ranks of a torchrun job: they train but do not write results."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-@dataclass
-class RunContext:
-    """What a strategy's ``run(context, options)`` gets besides its options.
-
-    ``refs`` maps recipe step names to the store IDs of the models those steps saved, so an option
-    like ``teacher = "teacher"`` in a recipe names the model of step "teacher".
-    """
-
-    strategy: str
-    store: Any
-    hooks: Any
-    run_dir: Path
-    device: torch.device
-    resume: bool = False
-    quiet: bool = False
-    refs: dict[str, str] = field(default_factory=dict)
-
-    def model_id(self, ref: str) -> str:
-        """The store ID for a recipe step name, a store ID, a unique ID prefix or a model name."""
-        if ref in self.refs:
-            return self.refs[ref]
-        return self.store.resolve(ref)
-
-    def load_model(self, ref: str) -> tuple[torch.nn.Module, dict]:
-        """The stored model rebuilt (registered backbone + config from the manifest, then its weights),
-        on ``self.device``, with its manifest."""
-        from reuse_core import backbone
-
-        state, manifest = self.store.load(self.model_id(ref))
-        if manifest["backbone"] == "ensemble":  # a combination of models: its strategy rebuilds it
-            from reuse_core.builtin.strategies.ensemble import load_ensemble
-
-            return load_ensemble(manifest, state).to(self.device), manifest
-        model = backbone.build(manifest["backbone"], len(manifest["classes"]), **manifest["config"])
-        model.load_state_dict(state)
-        return model.to(self.device), manifest
-
-    def log(self, message: str) -> None:
-        if not self.quiet and is_main_process():
-            print(message, flush=True)
 
 
 def default_store(store=None):
@@ -106,18 +61,6 @@ def latest_unfinished(prefix: str, kind_file: str = RUN_FILE, parent: str | os.P
     if not runs:
         raise RunError(f"nothing to resume: no unfinished {prefix!r} run under {parent}/ (give --run-dir)")
     return runs[-1]
-
-
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def write_json(path: Path, data: Mapping) -> None:
-    """Atomically (a run killed while writing leaves the old file or the new one)."""
-    from reuse_core.engine.checkpoint import atomic_open
-
-    with atomic_open(path, "w") as f:
-        json.dump(data, f, indent=2, default=str)
 
 
 def run(strategy: str, *, store=None, run_dir: str | os.PathLike | None = None, device=None,
@@ -153,17 +96,19 @@ def run(strategy: str, *, store=None, run_dir: str | os.PathLike | None = None, 
         done = read_json(run_dir / RESULT_FILE)
         if done is not None:
             return StrategyResult(metrics=done["metrics"], models=done["models"], run_dir=str(run_dir))
+        run_id = recorded.get("id") or str(run_dir.resolve())  # runs from before run ids named by their folder
     else:
         resolved = strat.resolve(options, where=where)
         run_dir = new_run_dir(strategy) if run_dir is None else Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if is_main_process() and (run_dir / RUN_FILE).exists():
             raise RunError(f"{run_dir} already holds a run: pass resume=True (--resume) or another run directory")
+        run_id = secrets.token_hex(8)
     ctx = RunContext(strategy=strategy, store=default_store(store), hooks=plugins.lifecycle_relay(),
                      run_dir=run_dir, device=default_device(device), resume=resume, quiet=quiet,
-                     refs=dict(refs or {}))
+                     refs=dict(refs or {}), run_id=run_id)
     if is_main_process():
-        write_json(run_dir / RUN_FILE, {"strategy": strategy, "options": resolved,
+        write_json(run_dir / RUN_FILE, {"id": run_id, "strategy": strategy, "options": resolved,
                                         "started": datetime.datetime.now().isoformat(timespec="seconds")})
     result = strat.run(ctx, resolved)
     result.run_dir = str(run_dir)

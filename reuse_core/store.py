@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from reuse_core.engine.checkpoint import atomic_open, fsync_dir
+from reuse_core.files import atomic_open, fsync_dir
 
 FORMAT = 1
 WEIGHTS = "model.safetensors"
@@ -98,9 +98,10 @@ class ModelStore:
 
     def save(self, model_or_state_dict: torch.nn.Module | dict[str, torch.Tensor], *, backbone: str,
              config: dict, dataset: str | None, classes: list[str], metrics: dict, parents: list[str],
-             strategy: str, options: dict, name: str | None = None) -> ModelRecord:
+             strategy: str, options: dict, name: str | None = None, run: dict | None = None) -> ModelRecord:
         """Store a model's weights with its manifest; ``parents`` may be ids, prefixes or names of
-        models in this store. Returns the new record."""
+        models in this store. ``run``: ``{"id", "key"}`` of the run and the save within it that
+        produced the model (:meth:`find_run_product` finds it again). Returns the new record."""
         state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module) \
             else model_or_state_dict
         parent_ids = [self.resolve(p) for p in parents]
@@ -116,6 +117,8 @@ class ModelStore:
             "metrics": dict(metrics), "created": _now(),
             "lineage": {"parents": parent_ids, "strategy": strategy, "options": dict(options), "ancestry": ancestry},
         }
+        if run is not None:
+            manifest["lineage"]["run"] = dict(run)
         return self._write(manifest, _serialize(state))
 
     def _write(self, manifest: dict[str, Any], weights: bytes) -> ModelRecord:
@@ -205,6 +208,13 @@ class ModelStore:
             except StoreError as e:
                 out.append({"id": mid, "error": str(e)})
         return sorted(out, key=lambda m: (m.get("created") or "", m["id"]))
+
+    def find_run_product(self, run_id: str, key: str) -> str | None:
+        """The id of the model that save ``key`` of run ``run_id`` stored, or None."""
+        for m in self.list():
+            if m.get("lineage", {}).get("run") == {"id": run_id, "key": key}:
+                return m["id"]
+        return None
 
     def _verified_weights(self, mid: str) -> tuple[bytes, dict[str, Any]]:
         manifest = self._read_manifest(mid)

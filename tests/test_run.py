@@ -9,7 +9,7 @@ import pytest
 
 import reuse_core
 from reuse_core import cli, recipe
-from reuse_core.cli_run import strategy_parser
+from reuse_core.cli.run import strategy_parser
 from reuse_core.strategy import OptionError
 
 GOOD = {"backbone": "small-cnn", "classes": "0-1", "label_budget": "5", "epochs": "1"}
@@ -106,4 +106,17 @@ def test_cli_runs_a_recipe_with_set(capsys, tmp_path):
 def test_import_reuse_core_does_not_import_torch_and_run_is_callable():
     code = ("import sys, reuse_core; assert 'torch' not in sys.modules, 'torch imported'; "
             "import reuse_core.run; assert callable(reuse_core.run) and reuse_core.run.RunContext")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_submodules_resolve_lazily_as_attributes():
+    """`import reuse_core` alone gives the whole toolkit on first use; the authoring surface stays torch-free."""
+    code = ("import sys, reuse_core, reuse_core.strategy; assert 'torch' not in sys.modules, 'torch imported'; "
+            "from reuse_core.strategy import Option, Strategy, data_options, train_options; "
+            "assert 'torch' not in sys.modules, 'the schema imported torch'; "
+            "import torch; "
+            "loss = reuse_core.ops.distill_kl_loss(torch.randn(4, 5), torch.randn(4, 5)); assert loss.ndim == 0; "
+            "assert reuse_core.nn.DistillationLoss and reuse_core.store.ModelStore and reuse_core.engine.fit; "
+            "assert reuse_core.strategy.RunContext is reuse_core.run.RunContext; "
+            "assert {'ops', 'nn', 'store', 'engine', 'strategy'} <= set(dir(reuse_core))")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -11,10 +11,11 @@ Providers are registered by plugins (``reuse_register_datasets``); :func:`load` 
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-DatasetProvider = Callable[..., Any]
+from reuse_core.hookspecs import DatasetProvider
+
+__all__ = ["DatasetProvider", "load"]
 
 
 def load(name: str, **kwargs: Any):

@@ -1,53 +1,16 @@
-"""Atomic files: a reader (or a run started again after a kill) sees the old file or the new one,
-never half of one. Checkpoints are torch.save'd tensors and plain values, read back with
+"""Checkpoints, written atomically (:mod:`reuse_core.files`): a run killed while saving one keeps
+the previous one. They are torch.save'd tensors and plain values, read back with
 ``weights_only=True`` so loading one runs no code."""
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
+from reuse_core.files import atomic_open
+
 CHECKPOINT_NAME = "checkpoint.pt"
-
-# mkstemp makes 0600 files; what we write gets the mode any new file would (0666 less the umask).
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Write to a temporary file in the target's folder; on success fsync it and rename it over
-    ``path``; on error remove it and leave ``path`` as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:

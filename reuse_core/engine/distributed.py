@@ -67,3 +67,8 @@ def default_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return dev
+
+
+def is_main_process() -> bool:
+    """False on the non-zero ranks of a torchrun job: they train but do not write results."""
+    return int(os.environ.get("RANK", "0")) == 0

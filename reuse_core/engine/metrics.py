@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from reuse_core.engine.checkpoint import atomic_open
+from reuse_core.files import atomic_open
 
 METRICS_NAME = "metrics.jsonl"
 

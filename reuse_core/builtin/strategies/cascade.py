@@ -16,14 +16,14 @@ import json
 import torch
 from torch.utils.data import DataLoader
 
-from reuse_core.builtin.strategies.common import data_options
-from reuse_core.builtin.strategies.ensemble import load_stored
 from reuse_core.combine import (
     Cascade, choose, collect_logits, expected_calibration_error, fit_temperature, flops_per_sample,
     seconds_per_sample, sweep,
 )
 from reuse_core.combine.weights import accuracy
-from reuse_core.strategy import Option, Strategy, StrategyResult, fraction, positive
+from reuse_core.engine.distributed import is_main_process
+from reuse_core.strategy import Option, Strategy, StrategyResult, data_options, fraction, positive
+from reuse_core.strategy.blocks import load_stored
 
 PLOT = "cascade.png"
 SWEEP = "cascade.json"
@@ -54,8 +54,6 @@ def plot(test_points: list[dict], chosen: dict, path, *, title: str = "cascade")
 
 
 def run(ctx, options: dict) -> StrategyResult:
-    from reuse_core.run import is_main_process
-
     if len(options["models"]) < 2:
         raise ValueError(f"cascade: --models needs at least 2 models, cheap to expensive, got {options['models']}")
     ids, models, _, dataset, val, test = load_stored(ctx, options["models"], options, "model")
@@ -119,7 +117,8 @@ CASCADE = Strategy(
         Option("compute_budget", float, None, "instead: the most accurate threshold whose mean FLOPs per sample "
                "stay within this fraction of the last model's (replaces --accuracy-target)", check=positive),
         Option("calibrate", bool, True, "temperature-scale each model on the validation split first"),
-        *(o for o in data_options(inherit_from="first model", classes_help="the dataset's class indices for the models' outputs, in order, e.g. 0-4 (default: the first model's classes)") if o.name != "label_budget"),
+        *data_options(inherit_from="first model", label_budget=False, classes_help="the dataset's class indices for "
+                      "the models' outputs, in order, e.g. 0-4 (default: the first model's classes)"),
         Option("seed", int, 0, "seed of the data split (use the models' own)"),
     ),
     run=run,

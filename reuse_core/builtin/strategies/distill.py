@@ -16,13 +16,15 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from reuse_core.builtin.strategies.common import (
-    NAME_OPTION, backbone_options, budget_indices, build_model, data_options, fit, load_splits, parse_classes, save,
-    train_options,
+from reuse_core.engine.checkpoint import save_checkpoint
+from reuse_core.nn import DistillationLoss
+from reuse_core.strategy import (
+    NAME_OPTION, TEACHER_OPTION, Option, Strategy, StrategyResult, backbone_options, data_options, non_negative,
+    positive, train_options,
 )
-from reuse_core.strategy import Option, OptionError, Strategy, StrategyResult, non_negative, positive
+from reuse_core.strategy.blocks import budget_indices, build_model, finish, fit, load_splits, load_teacher, teacher_logits
 
 Teacher = Callable[[torch.Tensor], torch.Tensor]
 CACHE_FILE = "teacher_logits.pt"
@@ -58,19 +60,8 @@ class IndexedSplit(Dataset):
         return torch.tensor(idx)
 
 
-def teacher_logits(teacher: Teacher, data: Dataset, device: torch.device, batch_size: int = 256) -> torch.Tensor:
-    """The teacher's logits for every example of ``data``, in order, as a float32 CPU tensor."""
-    out = []
-    with torch.no_grad():
-        for x, _ in DataLoader(data, batch_size=batch_size):
-            out.append(teacher(x.to(device)).float().cpu())
-    return torch.cat(out)
-
-
 def _cached_logits(ctx, teacher: Teacher, data: Dataset, key: dict) -> torch.Tensor:
     """Compute once per run: a resumed run reads them back from the run directory."""
-    from reuse_core.engine.checkpoint import save_checkpoint
-
     path = ctx.run_dir / CACHE_FILE
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -86,8 +77,6 @@ def distill(ctx, options: dict, teacher: Teacher, *, teacher_ids: list[str], dat
     """Train the options' student on ``dataset``/``classes`` from ``teacher`` (any callable from a
     batch of inputs to logits over ``classes``, in eval mode) and save it with ``teacher_ids`` as
     its parents."""
-    from reuse_core.nn import DistillationLoss
-
     train, val, test = load_splits({**options, "label_budget": None}, dataset=dataset, classes=classes)
     indexed = IndexedSplit(train)
     labelled = torch.zeros(len(train), dtype=torch.bool)
@@ -118,34 +107,8 @@ def distill(ctx, options: dict, teacher: Teacher, *, teacher_ids: list[str], dat
 
     student, config = build_model(options, train, "student_")
     fitted = fit(ctx, student, indexed, val, options, loss_fn=loss_fn, num_workers=0)
-    return save(ctx, student, backbone=options["student_backbone"], config=config, dataset=dataset,
-                classes=train.classes, parents=teacher_ids, options=options, fitted=fitted, test=test)
-
-
-def class_indices(dataset: str, names: list[str], options: dict) -> list[int]:
-    """The dataset's indices of the classes a model was trained on (stored by name)."""
-    from reuse_core import data
-
-    kw = {"root": options["data_root"]} if options.get("data_root") else {}
-    every = data.load(dataset, split="val", seed=options["seed"], **kw).classes
-    missing = [n for n in names if n not in every]
-    if missing:
-        raise ValueError(f"the teacher's classes {missing} are not classes of dataset {dataset!r}")
-    return [every.index(n) for n in names]
-
-
-def load_teacher(ctx, options: dict) -> tuple[torch.nn.Module, str, str, list[int]]:
-    """(the options' teacher in eval mode without grad, its store ID, the dataset and the class
-    indices to train on): by default the teacher's own."""
-    teacher_id = ctx.model_id(options["teacher"])
-    teacher, manifest = ctx.load_model(teacher_id)
-    teacher.eval().requires_grad_(False)
-    dataset = options["dataset"] or manifest["dataset"]
-    classes = parse_classes(options["classes"]) or class_indices(dataset, manifest["classes"], options)
-    if len(classes) != len(manifest["classes"]):
-        raise OptionError(f"strategy {ctx.strategy!r}: option 'classes': the teacher has {len(manifest['classes'])} "
-                          f"outputs, got {len(classes)} classes")
-    return teacher, teacher_id, dataset, classes
+    return finish(ctx, student, fitted=fitted, test=test, backbone=options["student_backbone"], config=config,
+                  dataset=dataset, classes=train.classes, parents=teacher_ids, options=options)
 
 
 def run(ctx, options: dict) -> StrategyResult:
@@ -173,7 +136,7 @@ DISTILL = Strategy(
     name="distill",
     description="Hinton knowledge distillation of a stored teacher into a fresh (usually smaller) student",
     options=(
-        Option("teacher", str, help="the teacher: a recipe step, or a store ID, ID prefix or name", ref=True),
+        TEACHER_OPTION,
         *teacher_options(),
         *train_options(),
         NAME_OPTION,

@@ -16,16 +16,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from reuse_core.builtin.strategies.common import (
-    NAME_OPTION, backbone_options, build_model, data_options, fit, load_splits, parse_classes, train_options,
-)
-from reuse_core.builtin.strategies.distill import class_indices
+from reuse_core.backbone import build as build_backbone
 from reuse_core.combine import (
     COMBINES, WEIGHTINGS, BatchedMembers, Ensemble, choose_weights, collect_logits, majority_vote, member_accuracies,
     member_loss,
 )
 from reuse_core.ops import ensemble_average
-from reuse_core.strategy import Option, Strategy, StrategyResult, positive
+from reuse_core.strategy import (
+    NAME_OPTION, Option, Strategy, StrategyResult, backbone_options, data_options, positive, register_model_loader,
+    train_options,
+)
+from reuse_core.strategy.blocks import build_model, fit, load_splits, load_stored
 
 BACKBONE = "ensemble"
 
@@ -51,34 +52,18 @@ def _joint_loss(model, inputs, targets):
 
 def load_ensemble(manifest: dict, state: dict) -> Ensemble:
     """A stored ensemble rebuilt: every member from its backbone and config, then all weights."""
-    from reuse_core import backbone
-
     cfg = manifest["config"]
-    members = [backbone.build(m["backbone"], len(manifest["classes"]), **m["config"]) for m in cfg["members"]]
+    members = [build_backbone(m["backbone"], len(manifest["classes"]), **m["config"]) for m in cfg["members"]]
     model = Ensemble(members, combine=cfg["combine"], weights=cfg["weights"])
     model.load_state_dict(state)
     return model
 
 
+register_model_loader(BACKBONE, load_ensemble)
+
+
 def _batches(data):
     return DataLoader(data, batch_size=256)
-
-
-def load_stored(ctx, refs: list[str], options: dict, what: str):
-    """The stored models ``refs`` (IDs, loaded modules in eval mode, manifests) and the dataset and
-    validation and test splits of their classes; refuses models whose classes differ."""
-    ids = [ctx.model_id(r) for r in refs]
-    loaded = [ctx.load_model(i) for i in ids]
-    manifests = [m for _, m in loaded]
-    first = manifests[0]
-    for i, m in zip(ids, manifests):
-        if m["classes"] != first["classes"]:
-            raise ValueError(f"{ctx.strategy}: {what} {i} predicts classes {m['classes']}, but {ids[0]} predicts "
-                             f"{first['classes']}: {what}s must share their classes, in order")
-    dataset = options["dataset"] or first["dataset"]
-    classes = parse_classes(options["classes"]) or class_indices(dataset, first["classes"], options)
-    _, val, test = load_splits(options, dataset=dataset, classes=classes)
-    return ids, [model.eval() for model, _ in loaded], manifests, dataset, val, test
 
 
 def _stored_members(ctx, options):
@@ -88,15 +73,13 @@ def _stored_members(ctx, options):
 
 
 def _trained_members(ctx, options):
-    from reuse_core import backbone
-
     if not options["backbone"]:
         raise ValueError("ensemble: give --members (stored models) or --backbone (members trained here)")
     options = {**options, "dataset": options["dataset"] or "digits"}
     train, val, test = load_splits(options)
     # member 0 starts as a pretrain with this seed would; the others from the next draws of its stream
     first, config = build_model(options, train)
-    joint = JointMembers([first, *(backbone.build(options["backbone"], len(train.classes), **config)
+    joint = JointMembers([first, *(build_backbone(options["backbone"], len(train.classes), **config)
                                    for _ in range(options["num_members"] - 1))])
     fitted = fit(ctx, joint, train, val, options, loss_fn=_joint_loss)
     members = [m.eval() for m in joint.batched.unstack()]
@@ -105,17 +88,14 @@ def _trained_members(ctx, options):
 
 
 def _save_members(ctx, options, members, specs, dataset, classes, val_acc, test_acc) -> None:
-    """Members trained here go to the store one by one (rank 0 only), each with its accuracies."""
-    for m, spec, va, ta in zip(members, specs, val_acc, test_acc):
-        record = ctx.store.save(m.state_dict(), backbone=spec["backbone"], config=spec["config"], dataset=dataset,
-                                classes=list(classes), metrics={"val_accuracy": va, "test_accuracy": ta},
-                                parents=[], strategy=ctx.strategy, options=options)
-        spec["id"] = record.id
+    """Members trained here go to the store one by one, each with its accuracies."""
+    for k, (m, spec, va, ta) in enumerate(zip(members, specs, val_acc, test_acc)):
+        spec["id"] = ctx.save(m, backbone=spec["backbone"], config=spec["config"], dataset=dataset, classes=classes,
+                              metrics={"val_accuracy": va, "test_accuracy": ta}, parents=[], options=options,
+                              key=f"member-{k}")
 
 
 def run(ctx, options: dict) -> StrategyResult:
-    from reuse_core.run import is_main_process
-
     if options["members"]:
         if len(options["members"]) < 2:
             raise ValueError(f"ensemble: --members needs at least 2 models, got {options['members']}")
@@ -141,21 +121,19 @@ def run(ctx, options: dict) -> StrategyResult:
     }
     if fitted is not None:
         metrics["epochs"] = len(fitted.epochs)
-    if not is_main_process():
-        return StrategyResult(metrics=metrics)
     if fitted is not None:
         _save_members(ctx, options, members, specs, dataset, test.classes, metrics["members_val_accuracy"], member_test)
-    record = ctx.store.save(
-        ensemble.state_dict(), backbone=BACKBONE,
-        config={"members": specs, "combine": combine, "weights": weights.tolist()},
-        dataset=dataset, classes=list(test.classes), metrics=metrics, parents=[s["id"] for s in specs],
-        strategy=ctx.strategy, options=options, name=options["name"],
-    )
+    model_id = ctx.save(ensemble, backbone=BACKBONE,
+                        config={"members": specs, "combine": combine, "weights": weights.tolist()},
+                        dataset=dataset, classes=test.classes, metrics=metrics, parents=[s["id"] for s in specs],
+                        options=options, name=options["name"], key="ensemble")
+    if model_id is None:  # not the main process of a torchrun job: it saved nothing
+        return StrategyResult(metrics=metrics)
     for k, (spec, acc) in enumerate(zip(specs, member_test)):
         ctx.log(f"ensemble: member {k} ({spec['id']}) test accuracy {acc:.4f}")
-    ctx.log(f"ensemble: saved model {record.id} (test accuracy {metrics['test_accuracy']:.4f}, best member "
+    ctx.log(f"ensemble: saved model {model_id} (test accuracy {metrics['test_accuracy']:.4f}, best member "
             f"{metrics['best_member_test_accuracy']:.4f})")
-    return StrategyResult(metrics=metrics, models=[s["id"] for s in specs if fitted is not None] + [record.id])
+    return StrategyResult(metrics=metrics, models=[s["id"] for s in specs if fitted is not None] + [model_id])
 
 
 ENSEMBLE = Strategy(

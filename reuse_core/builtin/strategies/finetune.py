@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from reuse_core.builtin.strategies.common import NAME_OPTION, data_options, fit, load_splits, save, train_options
-from reuse_core.strategy import Option, Strategy, StrategyResult, fraction, non_negative
+from reuse_core import backbone
+from reuse_core.strategy import (
+    NAME_OPTION, Option, Strategy, StrategyResult, data_options, fraction, non_negative, train_options,
+)
+from reuse_core.strategy.blocks import finish, fit, load_splits
 
 MODES = ("full", "linear", "partial")
 
@@ -24,8 +27,6 @@ def _keep_frozen_norms_in_eval(model: torch.nn.Module) -> None:
 
 
 def run(ctx, options: dict) -> StrategyResult:
-    from reuse_core import backbone
-
     source_id = ctx.model_id(options["model"])
     model, manifest = ctx.load_model(source_id)
     dataset = options["dataset"] or manifest["dataset"]
@@ -39,8 +40,8 @@ def run(ctx, options: dict) -> StrategyResult:
     reused = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     groups = [(reused, options["reused_lr_scale"])] if reused else None
     fitted = fit(ctx, model, train, val, options, param_groups=groups)
-    return save(ctx, model, backbone=manifest["backbone"], config=manifest["config"], dataset=dataset, classes=train.classes,
-                parents=[source_id], options=options, fitted=fitted, test=test)
+    return finish(ctx, model, fitted=fitted, test=test, backbone=manifest["backbone"], config=manifest["config"],
+                  dataset=dataset, classes=train.classes, parents=[source_id], options=options)
 
 
 FINETUNE = Strategy(

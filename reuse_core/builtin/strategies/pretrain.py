@@ -3,18 +3,16 @@ save it to the store as the root of a lineage. With a label budget it is also th
 baseline a fine-tuned model is measured against."""
 from __future__ import annotations
 
-from reuse_core.builtin.strategies.common import (
-    NAME_OPTION, backbone_options, build_model, data_options, fit, load_splits, save, train_options,
-)
-from reuse_core.strategy import Strategy, StrategyResult
+from reuse_core.strategy import NAME_OPTION, Strategy, StrategyResult, backbone_options, data_options, train_options
+from reuse_core.strategy.blocks import build_model, finish, fit, load_splits
 
 
 def run(ctx, options: dict) -> StrategyResult:
     train, val, test = load_splits(options)
     model, config = build_model(options, train)
     fitted = fit(ctx, model, train, val, options)
-    return save(ctx, model, backbone=options["backbone"], config=config, dataset=options["dataset"],
-                classes=train.classes, parents=[], options=options, fitted=fitted, test=test)
+    return finish(ctx, model, fitted=fitted, test=test, backbone=options["backbone"], config=config,
+                  dataset=options["dataset"], classes=train.classes, parents=[], options=options)
 
 
 PRETRAIN = Strategy(

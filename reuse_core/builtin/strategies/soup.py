@@ -7,18 +7,14 @@ are refused before anything is averaged.
 """
 from __future__ import annotations
 
-from reuse_core.builtin.strategies.common import NAME_OPTION, data_options, load_splits, parse_classes
-from reuse_core.builtin.strategies.distill import class_indices
 from reuse_core.combine import Ingredient, check_ingredients, greedy_soup, uniform_soup
-from reuse_core.strategy import Option, Strategy, StrategyResult
+from reuse_core.strategy import NAME_OPTION, Option, Strategy, StrategyResult, data_options, parse_classes
+from reuse_core.strategy.blocks import class_indices, evaluate, load_splits
 
 METHODS = ("uniform", "greedy")
 
 
 def run(ctx, options: dict) -> StrategyResult:
-    from reuse_core import engine
-    from reuse_core.run import is_main_process
-
     ids = [ctx.model_id(r) for r in options["models"]]
     ingredients = []
     for i in ids:
@@ -33,7 +29,7 @@ def run(ctx, options: dict) -> StrategyResult:
 
     def score(state, data) -> dict:
         model.load_state_dict(state)
-        return engine.evaluate(model, data, ctx.device)
+        return evaluate(model, data, ctx.device)
 
     states = [ing.state_dict for ing in ingredients]
     own_val = [score(s, val)["accuracy"] for s in states]
@@ -50,14 +46,13 @@ def run(ctx, options: dict) -> StrategyResult:
         "best_ingredient_test_accuracy": max(own_test), "chosen": chosen, "parent": parent,
         "method": options["method"], "greedy_history": [{**h, "model": ids[h["index"]]} for h in history],
     }
-    if not is_main_process():
+    model_id = ctx.save(soup, backbone=first["backbone"], config=first["config"], dataset=dataset,
+                        classes=first["classes"], metrics=metrics, parents=chosen, options=options, name=options["name"])
+    if model_id is None:  # not the main process of a torchrun job: it saved nothing
         return StrategyResult(metrics=metrics)
-    record = ctx.store.save(soup, backbone=first["backbone"], config=first["config"], dataset=dataset,
-                            classes=list(first["classes"]), metrics=metrics, parents=chosen, strategy=ctx.strategy,
-                            options=options, name=options["name"])
-    ctx.log(f"soup: saved model {record.id} from {len(chosen)} of {len(ids)} models (test accuracy "
+    ctx.log(f"soup: saved model {model_id} from {len(chosen)} of {len(ids)} models (test accuracy "
             f"{metrics['test_accuracy']:.4f}, best ingredient {metrics['best_ingredient_test_accuracy']:.4f})")
-    return StrategyResult(metrics=metrics, models=[record.id])
+    return StrategyResult(metrics=metrics, models=[model_id])
 
 
 SOUP = Strategy(
@@ -68,7 +63,8 @@ SOUP = Strategy(
                "or names)", ref=True),
         Option("method", str, "greedy", "uniform: average all; greedy: best first, keep each only if the "
                "validation accuracy improves", choices=METHODS),
-        *(o for o in data_options(inherit_from="first model", classes_help="the dataset's class indices for the models' outputs, in order, e.g. 0-4 (default: the first model's classes)") if o.name != "label_budget"),
+        *data_options(inherit_from="first model", label_budget=False, classes_help="the dataset's class indices for "
+                      "the models' outputs, in order, e.g. 0-4 (default: the first model's classes)"),
         Option("seed", int, 0, "seed of the data split (use the models' own)"),
         NAME_OPTION,
     ),

@@ -13,7 +13,7 @@ import torch
 
 from reuse_core import engine
 from reuse_core import run as reuse_run
-from reuse_core.builtin.strategies.common import load_splits
+from reuse_core.strategy.blocks import load_splits
 from reuse_core.combine import Ensemble
 from reuse_core.run import RunContext
 from reuse_core.store import ModelStore

@@ -27,8 +27,10 @@ def test_pretrain_saves_a_root_model_with_its_lineage(store):
     assert 0 <= result.metrics["test_accuracy"] <= 1
     run_dir = result.run_dir
     assert run_dir.startswith("runs/pretrain-")
-    for name in ("run.json", "result.json", "metrics.jsonl", "checkpoint.pt", "model.json"):
+    for name in ("run.json", "result.json", "metrics.jsonl", "checkpoint.pt"):
         assert (Path(run_dir) / name).exists(), name
+    run_id = json.loads((Path(run_dir) / "run.json").read_text())["id"]
+    assert manifest["lineage"]["run"] == {"id": run_id, "key": "model-0"}, "the model names the run that saved it"
     assert json.loads((Path(run_dir) / "result.json").read_text())["models"] == [result.model]
 
 

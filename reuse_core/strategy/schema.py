@@ -5,7 +5,7 @@ generated from the schema), a recipe step (``[[step]] strategy = NAME`` plus key
 (``reuse_core.run(NAME, **options)``). All three hand the raw values to :meth:`Strategy.resolve`,
 so a bad option gets the same :class:`OptionError` in each.
 
-This module imports nothing heavy (no torch): ``reuse --help`` builds its parsers from it.
+This module imports nothing (no torch): ``reuse --help`` builds its parsers from it.
 """
 from __future__ import annotations
 

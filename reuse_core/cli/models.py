@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from reuse_core.cli.output import fail, table
 
 MODELS_EPILOG = """\
 A model is named by its id, a unique prefix of it, or its name (`reuse models list` shows them).
@@ -85,11 +86,6 @@ def _metric(m: dict) -> str:
     return ""
 
 
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
 def _show(m: dict) -> str:
     lin = m["lineage"]
     w = m["weights"]
@@ -112,9 +108,7 @@ def _run_models(args: argparse.Namespace) -> int:
     from reuse_core.store import ModelStore, StoreError, format_lineage
 
     if not args.models_command:
-        print("reuse models: say what to do: list, show, lineage, export, import or rm (see reuse models --help)",
-              file=sys.stderr)
-        return 2
+        return fail("reuse models", "say what to do: list, show, lineage, export, import or rm (see reuse models --help)")
     store = ModelStore(args.store)
     cmd = args.models_command
     try:
@@ -133,7 +127,7 @@ def _run_models(args: argparse.Namespace) -> int:
                     rows.append([m["id"], str(m.get("name")), m["backbone"], m["lineage"].get("strategy") or "-",
                                  m.get("dataset") or "-", str(len(m["classes"])), _metric(m),
                                  (m.get("created") or "")[:19].replace("T", " ")])
-                print(_table(rows))
+                print(table(rows))
         elif cmd == "show":
             m = store.verify(args.model)
             print(json.dumps(m, indent=2) if args.json else _show(m))
@@ -155,8 +149,7 @@ def _run_models(args: argparse.Namespace) -> int:
                 print(f"note: {len(orphans)} model(s) descend from it and keep its summary in their lineage: "
                       f"{', '.join(orphans)}")
     except (StoreError, ValueError) as e:
-        print(f"reuse models {cmd}: {e}", file=sys.stderr)
-        return 1
+        return fail(f"reuse models {cmd}", str(e), 1)
     return 0
 
 

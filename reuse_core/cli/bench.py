@@ -1,16 +1,9 @@
-"""The ``reuse`` command.
-
-A verb is a tuple (name, help, epilog, add_arguments, run). This module holds the kernel verbs
-(:data:`VERBS`); each other area of the toolkit keeps its verbs in its own ``cli_*`` module, listed
-in :data:`VERB_MODULES`, so a verb lives next to nothing but its own kind.
-
-Heavy imports (torch, the kernels) happen inside the verbs, so ``reuse --help`` stays fast.
-"""
+"""``reuse bench``: time the fused kernels against eager PyTorch and torch.compile."""
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable, Sequence
+
+from reuse_core.cli.output import fail
 
 BENCH_EPILOG = """\
 contenders, per case:
@@ -34,18 +27,6 @@ examples:
   reuse bench --ops distill_kl --repeats 9 --json kl.json
   reuse bench --device cuda         adds GPU shapes (bf16 and float32)
 """
-
-DOCTOR_EPILOG = """\
-statuses, per op and backend:
-  verified                 the compiled kernel ran here and matched the float64 reference
-                           (forward and backward, small random inputs)
-  failed: <why>            it ran and did not match, or raised
-  compiled, not run here   a CUDA kernel is compiled in but no GPU is visible
-  reference fallback       no kernel for this backend: the op runs the pure-PyTorch reference
-
-exit status: 0 when the extension loaded and no check failed, 1 otherwise.
-"""
-
 
 def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny shapes and 2 repeats: checks the harness, not the speed")
@@ -82,16 +63,13 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        print("reuse bench: --device cuda, but torch sees no CUDA device here", file=sys.stderr)
-        return 2
+        return fail("reuse bench", "--device cuda, but torch sees no CUDA device here")
     if args.repeats is not None and args.repeats < 1:
-        print("reuse bench: --repeats must be >= 1", file=sys.stderr)
-        return 2
+        return fail("reuse bench", "--repeats must be >= 1")
     if args.ops:
         unknown = [o for o in args.ops if o not in bench.BENCHES]
         if unknown:
-            print(f"reuse bench: unknown op(s) {', '.join(unknown)}; choose from {', '.join(bench.BENCHES)}", file=sys.stderr)
-            return 2
+            return fail("reuse bench", f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(bench.BENCHES)}")
     contenders = [c for c in bench.CONTENDERS if not (args.no_compile and c == "compile")]
     t0 = time.perf_counter()
 
@@ -112,81 +90,5 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _add_doctor(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print the report as JSON (torch, cuda, extension, ops)")
-
-
-def _run_doctor(args: argparse.Namespace) -> int:
-    from reuse_core import doctor
-
-    return doctor.main(as_json=args.json)
-
-
-Verb = tuple[str, str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
-
-VERBS: list[Verb] = [
-    (
-        "bench",
-        "time the fused kernels against eager PyTorch and torch.compile",
-        BENCH_EPILOG,
-        _add_bench,
-        _run_bench,
-    ),
-    (
-        "doctor",
-        "show which kernels are compiled and active, and verify them against the reference",
-        DOCTOR_EPILOG,
-        _add_doctor,
-        _run_doctor,
-    ),
-]
-
-
-# Modules that define a VERBS list of their own, in the order `reuse --help` lists them.
-VERB_MODULES: tuple[str, ...] = ("reuse_core.cli_models", "reuse_core.cli_plugins", "reuse_core.cli_run")
-
-
-def all_verbs() -> list[Verb]:
-    import importlib
-
-    verbs = list(VERBS)
-    for name in VERB_MODULES:
-        verbs.extend(importlib.import_module(name).VERBS)
-    return verbs
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from reuse_core import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="reuse",
-        description="reuse-core: reuse trained models and move knowledge between them "
-        "(fused distillation, ensemble-averaging and attention kernels for PyTorch).",
-        epilog="Run `reuse <command> --help` for the options of a command.",
-    )
-    parser.add_argument("--version", action="version", version=f"reuse-core {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
-    for name, help_, epilog, add, run in all_verbs():
-        p = sub.add_parser(
-            name, help=help_, description=help_[0].upper() + help_[1:] + ".", epilog=epilog,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        add(p)
-        p.set_defaults(_run=run)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 2
-    try:
-        return int(args._run(args) or 0)
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+VERBS = [("bench", "time the fused kernels against eager PyTorch and torch.compile", BENCH_EPILOG, _add_bench,
+          _run_bench)]

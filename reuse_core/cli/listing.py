@@ -6,7 +6,8 @@ import json
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any
+
+from reuse_core.cli.output import fail, table
 
 PLUGINS_EPILOG = """\
 Lists every plugin: the built-in ones (reuse-core) first, then those found through the entry-point
@@ -65,17 +66,11 @@ def _load_manager():
         try:
             pm = plugins.get_plugin_manager()
         except plugins.PluginError as e:
-            print(f"reuse: {e}", file=sys.stderr)
+            fail("reuse", str(e))
             return None
     for w in caught:
         print(f"reuse: warning: {w.message}", file=sys.stderr)
     return pm
-
-
-def _table(rows: list[dict[str, Any]], columns: list[tuple[str, Callable[[dict], str]]]) -> str:
-    cells = [[h for h, _ in columns]] + [[f(r) for _, f in columns] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(columns) - 1)]
-    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(line, widths)), line[-1]]).rstrip() for line in cells)
 
 
 def _lister(attr: str, columns: list[tuple[str, Callable[[dict], str]]]) -> Callable[[argparse.Namespace], int]:
@@ -90,7 +85,7 @@ def _lister(attr: str, columns: list[tuple[str, Callable[[dict], str]]]) -> Call
         if args.json:
             print(json.dumps(rows, indent=2))
         elif rows:
-            print(_table(rows, columns))
+            print(table([[h for h, _ in columns], *([f(r) for _, f in columns] for r in rows)]))
         else:
             print(f"no {attr} registered")
         return 0

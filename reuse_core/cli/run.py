@@ -1,4 +1,4 @@
-"""The ``reuse run`` and ``reuse demo`` verbs.
+"""The ``reuse run`` verb.
 
 ``reuse run STRATEGY --opt value ...`` builds its flags from the strategy's option schema (so
 ``reuse run STRATEGY --help`` lists them) and hands the raw strings to the same resolver as recipes
@@ -7,7 +7,8 @@ and Python, so a bad option gets the same message everywhere (exit status 2).
 from __future__ import annotations
 
 import argparse
-import sys
+
+from reuse_core.cli.output import fail
 
 RUN_EPILOG = """\
 TARGET is a registered strategy (pretrain, finetune, distill, and those plugins add) or a recipe
@@ -25,24 +26,6 @@ examples:
   reuse run recipes/digits-transfer.toml          every step of a recipe
   reuse run recipes/digits-transfer.toml --set seed=3 --set epochs=2
   reuse run recipes/digits-transfer.toml --resume continue the newest unfinished run of that recipe
-"""
-
-DEMO_EPILOG = """\
-On the embedded digits data (no download), for each seed: pretrain a teacher on classes 0-4,
-fine-tune it to classes 5-9 with a few labels per class against the same network trained from
-scratch on the same labels, then distill the teacher and the fine-tuned model into a much smaller
-MLP student against that student trained from scratch on the same labels; then combine models:
-an ensemble of four CNNs trained together against its best member, a cascade of the student and
-its teacher (accuracy against compute, cascade.png), and a soup of fine-tuned models against its
-ingredients. The steps are the recipes in recipes/digits-*.toml, run the same way as
-`reuse run`. It prints a table of test accuracies (mean +- standard deviation over the seeds) and
-writes report.md, metrics.json and PNG plots into a run directory it names at the end (the models
-go to a store inside it unless --store is given).
-
-examples:
-  reuse demo                                      the full demo (3 seeds, one intra-op thread)
-  reuse demo --seeds 1 --epochs-scale 0.2         a quick look
-  reuse demo --out runs/my-demo
 """
 
 COMMON_FLAGS = ("store", "run_dir", "device", "resume", "quiet")
@@ -123,8 +106,7 @@ def _unknown_options(extra: list[str]) -> tuple[dict, list[str]]:
 
 
 def _fail(message: str) -> int:
-    print(f"reuse run: {message}", file=sys.stderr)
-    return 2
+    return fail("reuse run", message)
 
 
 def _print_result(name: str, result, quiet: bool) -> None:
@@ -163,6 +145,7 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from reuse_core import plugins, run
+    from reuse_core.engine.distributed import is_main_process
     from reuse_core.recipe import RecipeError
     from reuse_core.registry import UnknownNameError
     from reuse_core.store import StoreError
@@ -185,38 +168,12 @@ def _run(args: argparse.Namespace) -> int:
         raw.update({k[4:]: v for k, v in vars(ns).items() if k.startswith("opt_")})
         result = run.run(args.target, store=ns.store, run_dir=ns.run_dir, device=ns.device, resume=ns.resume,
                          quiet=ns.quiet, **raw)
-        if run.is_main_process():  # under torchrun, one report
+        if is_main_process():  # under torchrun, one report
             _print_result(args.target, result, ns.quiet)
         return 0
     except (OptionError, RecipeError, run.RunError, StoreError, UnknownNameError) as e:
         return _fail(str(e))
 
 
-def _add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds to average over (default: 3)")
-    p.add_argument("--epochs-scale", type=float, default=1.0, metavar="X",
-                   help="multiply every step's epochs by X, at least 1 epoch each (default: 1; e.g. 0.2 for a quick look)")
-    p.add_argument("--out", default=None, metavar="DIR", help="the run directory (default: ./runs/demo-<timestamp>)")
-    p.add_argument("--store", default=None, metavar="DIR", help="the model store (default: a store inside the run directory)")
-    p.add_argument("--device", default=None, metavar="DEV", help="cpu, cuda, ... (default: cuda when visible, else cpu)")
-    p.add_argument("--quiet", action="store_true", help="no per-step logs; print the table only")
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from reuse_core import demo
-
-    if args.seeds < 1 or args.epochs_scale <= 0:
-        print("reuse demo: --seeds must be >= 1 and --epochs-scale > 0", file=sys.stderr)
-        return 2
-    report = demo.run(seeds=args.seeds, epochs_scale=args.epochs_scale, out=args.out, store=args.store,
-                      device=args.device, quiet=args.quiet)
-    print(report.table)
-    print(f"\nreport, metrics and plots: {report.run_dir}")
-    return 0
-
-
-VERBS = [
-    ("run", "run a reuse strategy (pretrain, finetune, distill, ...) or a recipe of steps", RUN_EPILOG, _add_run, _run),
-    ("demo", "pretrain, fine-tune, distill and combine models on the embedded digits data, with baselines, and report",
-     DEMO_EPILOG, _add_demo, _run_demo),
-]
+VERBS = [("run", "run a reuse strategy (pretrain, finetune, distill, ...) or a recipe of steps", RUN_EPILOG, _add_run,
+          _run)]

@@ -1,0 +1,245 @@
+"""The building blocks of a strategy, as the built-in ones use them.
+
+Each reads the resolved options by the names of the shared option groups
+(:func:`~reuse_core.strategy.data_options`, :func:`~reuse_core.strategy.train_options`,
+:func:`~reuse_core.strategy.backbone_options`):
+
+- data: :func:`load_splits` (class subset, label budget, ``dataset_config``), :func:`class_indices`;
+- models: :func:`build_model` (a fresh registered backbone sized for the data), :func:`load_teacher`,
+  :func:`load_stored`, :func:`teacher_logits`, and :class:`FeatureTaps` with :func:`spatial_blocks`
+  and :func:`pair_blocks` for losses on intermediate features;
+- training: :func:`fit` (the engine, in the run directory, with the run's hooks; resumes with the run);
+- results: :func:`evaluate`, and :func:`finish`, which evaluates on the test split, saves through
+  :meth:`RunContext.save <reuse_core.strategy.context.RunContext.save>` and returns the result.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from reuse_core import data, engine, plugins
+from reuse_core.backbone import build as build_backbone
+from reuse_core.engine import evaluate
+from reuse_core.strategy.options import TRAIN_KEYS, parse_classes, parse_config
+from reuse_core.strategy.schema import OptionError, StrategyResult
+
+__all__ = [
+    "FeatureTaps", "Subset", "budget_indices", "build_model", "class_indices", "evaluate", "finish", "fit",
+    "load_dataset", "load_splits", "load_stored", "load_teacher", "pair_blocks", "spatial_blocks", "teacher_logits",
+    "train_config",
+]
+
+# The provider arguments every dataset takes; dataset_config may not set them.
+_PROVIDER_ARGS = ("split", "seed", "classes", "root")
+
+
+class Subset(Dataset):
+    """Some examples of a dataset, keeping the dataset contract's attributes."""
+
+    def __init__(self, data: Dataset, indices: list[int]):
+        self.data, self.indices = data, list(indices)
+        self.classes, self.in_channels, self.input_size = data.classes, data.in_channels, data.input_size
+        self.targets = [data.targets[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.data[self.indices[i]]
+
+
+def budget_indices(targets: list[int], per_class: int, seed: int) -> list[int]:
+    """``per_class`` examples of each class (all of a class that has fewer), drawn with ``seed``:
+    the same draw for every strategy given the same data and seed, so baselines see the same labels."""
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, t in enumerate(targets):
+        by_class.setdefault(int(t), []).append(i)
+    picked = []
+    for c in sorted(by_class):
+        members = by_class[c]
+        order = torch.randperm(len(members), generator=g).tolist()
+        picked.extend(members[j] for j in order[:per_class])
+    return sorted(picked)
+
+
+def load_dataset(name: str, options: dict, *, split: str, classes: list[int] | None = None):
+    """One split of dataset ``name`` with the options' seed, ``data_root`` and ``dataset_config``;
+    a setting the provider does not take is an :class:`OptionError` naming the ones it does."""
+    config = parse_config(options.get("dataset_config"))
+    if config:
+        params = inspect.signature(plugins.datasets().get(name)).parameters.values()
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+        known = [p.name for p in params if p.name not in _PROVIDER_ARGS and p.kind is p.KEYWORD_ONLY]
+        bad = [k for k in config if k in _PROVIDER_ARGS or not (takes_any or k in known)]
+        if bad:
+            raise OptionError(f"option 'dataset_config': dataset {name!r} has no setting {', '.join(map(repr, bad))} "
+                              f"(its settings: {', '.join(known) or 'none'})")
+    kw = {"root": options["data_root"]} if options.get("data_root") else {}
+    return data.load(name, split=split, seed=options["seed"], classes=classes, **kw, **config)
+
+
+def load_splits(options: dict, *, dataset: str | None = None,
+                classes: list[int] | None = None) -> tuple[Dataset, Dataset, Dataset]:
+    """(train, val, test) of the options' dataset and classes (or the ones given); the training split
+    cut to ``label_budget`` examples per class when set."""
+    name = dataset or options["dataset"]
+    classes = classes if classes is not None else parse_classes(options["classes"])
+    train, val, test = (load_dataset(name, options, split=s, classes=classes) for s in ("train", "val", "test"))
+    if options.get("label_budget"):
+        train = Subset(train, budget_indices(train.targets, options["label_budget"], options["seed"]))
+    return train, val, test
+
+
+def class_indices(dataset: str, names: list[str], options: dict) -> list[int]:
+    """The dataset's indices of the classes a model was trained on (stored by name)."""
+    every = load_dataset(dataset, options, split="val").classes
+    missing = [n for n in names if n not in every]
+    if missing:
+        raise ValueError(f"the model's classes {missing} are not classes of dataset {dataset!r}")
+    return [every.index(n) for n in names]
+
+
+def build_model(options: dict, data: Dataset, prefix: str = "") -> tuple[nn.Module, dict]:
+    """(a fresh ``{prefix}backbone`` for ``data``'s classes and channels, the config to store with it);
+    the initial weights follow the options' seed."""
+    name = options[f"{prefix}backbone"]
+    config = {"in_channels": data.in_channels, **parse_config(options[f"{prefix}backbone_config"])}
+    # Backbones sized for their input (seed-cnn, mlp) take it from the data unless the config says.
+    height, width = data.input_size
+    if height == width and "input_size" in inspect.signature(plugins.backbones().get(name)).parameters:
+        config.setdefault("input_size", height)
+    torch.manual_seed(options["seed"])
+    return build_backbone(name, len(data.classes), **config), config
+
+
+def train_config(ctx, options: dict, **overrides) -> engine.TrainConfig:
+    """The engine's TrainConfig from the training options; ``overrides`` set other fields."""
+    return engine.TrainConfig(**{k: options[k] for k in TRAIN_KEYS}, progress=not ctx.quiet, **overrides)
+
+
+def fit(ctx, model: nn.Module, train: Dataset, val: Dataset | None, options: dict, *, loss_fn=None,
+        **config) -> engine.FitResult:
+    """Train through the engine in the run directory, with the run's hooks; resumes when the run does.
+    ``loss_fn(model, inputs, targets) -> (loss, outputs)`` (default: cross-entropy); ``config``:
+    TrainConfig fields beyond the training options (``num_workers=0``, say)."""
+    kw = {"loss_fn": loss_fn} if loss_fn is not None else {}
+    return engine.fit(model, train, val, config=train_config(ctx, options, **config), run_dir=ctx.run_dir,
+                      hooks=ctx.hooks, strategy=ctx.strategy, resume=ctx.resume, device=ctx.device,
+                      options=options, **kw)
+
+
+def finish(ctx, model: nn.Module, *, fitted: engine.FitResult, test: Dataset, backbone: str, config: dict,
+           dataset: str, classes: list, parents: list[str], options: dict) -> StrategyResult:
+    """Evaluate ``model`` on the test split, save it through ``ctx.save`` (named by the options'
+    ``name``), log it, and return the run's result: test and validation accuracy and loss, epochs,
+    training examples, and the saved model's ID."""
+    test_metrics = evaluate(model, test, ctx.device)
+    metrics = {
+        "test_accuracy": test_metrics["accuracy"], "test_loss": test_metrics["loss"],
+        "val_accuracy": fitted.last_val_accuracy, "best_val_accuracy": fitted.best_val_accuracy,
+        "epochs": len(fitted.epochs), "train_examples": fitted.epochs[-1]["samples"] if fitted.epochs else 0,
+    }
+    model_id = ctx.save(model, backbone=backbone, config=config, dataset=dataset, classes=classes, metrics=metrics,
+                        parents=parents, options=options, name=options.get("name"))
+    if model_id is not None:
+        ctx.log(f"{ctx.strategy}: saved model {model_id} (test accuracy {metrics['test_accuracy']:.4f})")
+    return StrategyResult(metrics=metrics, models=[model_id] if model_id else [])
+
+
+def load_teacher(ctx, options: dict) -> tuple[nn.Module, str, str, list[int]]:
+    """(the options' ``teacher`` in eval mode without grad, its store ID, the dataset and the class
+    indices to train on): by default the teacher's own dataset and classes."""
+    teacher_id = ctx.model_id(options["teacher"])
+    teacher, manifest = ctx.load_model(teacher_id)
+    teacher.eval().requires_grad_(False)
+    dataset = options["dataset"] or manifest["dataset"]
+    classes = parse_classes(options["classes"]) or class_indices(dataset, manifest["classes"], options)
+    if len(classes) != len(manifest["classes"]):
+        raise OptionError(f"strategy {ctx.strategy!r}: option 'classes': the teacher has {len(manifest['classes'])} "
+                          f"outputs, got {len(classes)} classes")
+    return teacher, teacher_id, dataset, classes
+
+
+def load_stored(ctx, refs: list[str], options: dict, what: str = "model"):
+    """(IDs, the stored models ``refs`` in eval mode, their manifests, the dataset, its validation and
+    test splits for their classes); refuses models whose classes differ."""
+    ids = [ctx.model_id(r) for r in refs]
+    loaded = [ctx.load_model(i) for i in ids]
+    manifests = [m for _, m in loaded]
+    first = manifests[0]
+    for i, m in zip(ids, manifests):
+        if m["classes"] != first["classes"]:
+            raise ValueError(f"{ctx.strategy}: {what} {i} predicts classes {m['classes']}, but {ids[0]} predicts "
+                             f"{first['classes']}: {what}s must share their classes, in order")
+    dataset = options["dataset"] or first["dataset"]
+    classes = parse_classes(options["classes"]) or class_indices(dataset, first["classes"], options)
+    _, val, test = load_splits(options, dataset=dataset, classes=classes)
+    return ids, [model.eval() for model, _ in loaded], manifests, dataset, val, test
+
+
+def teacher_logits(teacher, data: Dataset, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """``teacher``'s logits (any callable from a batch of inputs to logits) for every example of
+    ``data``, in order, as a float32 CPU tensor."""
+    out = []
+    with torch.no_grad():
+        for x, _ in DataLoader(data, batch_size=batch_size):
+            out.append(teacher(x.to(device)).float().cpu())
+    return torch.cat(out)
+
+
+class FeatureTaps:
+    """Records the outputs of some of a model's blocks (submodule names) on every forward pass, in
+    ``outputs[name]``; :meth:`remove` (or leaving a ``with`` block) takes the hooks off."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles = [model.get_submodule(n).register_forward_hook(self._recorder(n)) for n in names]
+
+    def _recorder(self, name: str):
+        def hook(module, args, output):
+            self.outputs[name] = output
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def __enter__(self) -> FeatureTaps:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def spatial_blocks(model: nn.Module, sample: torch.Tensor) -> list[str]:
+    """The model's feature blocks (``block_names``) whose output on ``sample`` is a (N, C, H, W) map,
+    in forward order."""
+    was_training = model.training
+    with FeatureTaps(model, list(model.block_names)) as taps, torch.no_grad():
+        model.eval()(sample)
+    model.train(was_training)
+    return [n for n in model.block_names if taps.outputs[n].dim() == 4]
+
+
+def pair_blocks(teacher: nn.Module, student: nn.Module, sample: torch.Tensor,
+                given: list[str] | None = None, *, option: str = "pairs") -> list[tuple[str, str]]:
+    """Which teacher block's features each student block learns from: ``given`` as
+    ``"teacher_block:student_block"`` items (checked against both models' ``block_names``), else the
+    last k spatial blocks of each, in order (k the smaller count)."""
+    if given:
+        pairs = [tuple(p.split(":", 1)) for p in given]
+        for t, s in pairs:
+            for model, name, who in ((teacher, t, "teacher"), (student, s, "student")):
+                if name not in model.block_names:
+                    raise OptionError(f"option {option!r}: the {who} has no block {name!r} "
+                                      f"(its blocks: {', '.join(model.block_names)})")
+        return pairs
+    tb, sb = spatial_blocks(teacher, sample), spatial_blocks(student, sample)
+    k = min(len(tb), len(sb))
+    if k == 0:
+        raise OptionError("the teacher or the student has no feature block with a spatial (N, C, H, W) output")
+    return list(zip(tb[-k:], sb[-k:]))
