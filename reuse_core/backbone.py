@@ -17,7 +17,7 @@ from torch import nn
 
 from reuse_core.hookspecs import BackboneFactory
 
-__all__ = ["BackboneError", "BackboneFactory", "InputSizeCheck", "build", "check_backbone", "feature_blocks",
+__all__ = ["BackboneError", "BackboneFactory", "InputAdapter", "InputSizeCheck", "build", "check_backbone", "feature_blocks",
            "freeze_features", "get_head", "head_parameters", "replace_head", "set_head"]
 
 
@@ -138,8 +138,35 @@ class InputSizeCheck:
             )
 
 
-def build(name: str, num_classes: int, in_channels: int = 3, **config) -> nn.Module:
-    """Build the registered backbone ``name`` (untrained) and check it meets the contract."""
+class InputAdapter:
+    """A forward pre-hook that brings inputs to what a model was built for, as practitioners adapt
+    a pretrained model to other images: grey images repeated to ``channels`` (colour ones averaged
+    when ``channels`` is 1), then bilinearly resized to ``size`` (height, width). Inputs already in
+    that form pass unchanged. Stored as the config key ``input_adapter`` (:func:`build` attaches it)."""
+
+    def __init__(self, channels: int, size: tuple[int, int] | list[int]):
+        self.channels, self.size = int(channels), (int(size[0]), int(size[1]))
+
+    def config(self) -> dict:
+        return {"channels": self.channels, "size": list(self.size)}
+
+    def __call__(self, module: nn.Module, args: tuple):
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            return None
+        if x.shape[1] == 1 and self.channels > 1:
+            x = x.expand(-1, self.channels, -1, -1)
+        elif x.shape[1] > 1 and self.channels == 1:
+            x = x.mean(dim=1, keepdim=True)
+        if tuple(x.shape[-2:]) != self.size:
+            x = torch.nn.functional.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        return (x, *args[1:])
+
+
+def build(name: str, num_classes: int, in_channels: int = 3, *, input_adapter: dict | None = None,
+          **config) -> nn.Module:
+    """Build the registered backbone ``name`` (untrained) and check it meets the contract.
+    ``input_adapter`` (``{"channels", "size"}``) attaches an :class:`InputAdapter` first in line."""
     from reuse_core import plugins
 
     if num_classes < 1:
@@ -149,4 +176,6 @@ def build(name: str, num_classes: int, in_channels: int = 3, **config) -> nn.Mod
     factory = plugins.backbones().get(name)
     model = factory(num_classes, in_channels, **config)
     check_backbone(model, name)
+    if input_adapter is not None:
+        model.register_forward_pre_hook(InputAdapter(**input_adapter), prepend=True)
     return model

@@ -5,13 +5,21 @@ fails to import, breaks pluggy's validation, raises in a register hook or regist
 taken is reported (:func:`plugin_infos`, ``reuse plugins``) and its failing part skipped; the rest
 keeps working. ``REUSE_CORE_STRICT_PLUGINS=1`` turns each such report into a :class:`PluginError`
 (for plugin authors' CI); ``REUSE_CORE_DISABLE_PLUGIN_AUTOLOAD=1`` loads the built-ins only.
+
+A plugin that calls ``sys.exit()`` (or raises any other ``BaseException`` but ``KeyboardInterrupt``)
+while it loads is reported the same way; what plugins print while they load goes to stderr, so it
+cannot corrupt a command's output (``--json``); and each plugin's load time (import and register
+hooks) is recorded (:attr:`PluginInfo.load_seconds`; over :data:`SLOW_LOAD_SECONDS` is slow).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.metadata
 import os
+import sys
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,7 +28,7 @@ from typing import Any
 import pluggy
 
 from reuse_core import __version__, hookspecs
-from reuse_core.registry import NameTakenError, Registry
+from reuse_core.registry import NameTakenError, Registry, plural
 
 ENTRY_POINT_GROUP = "reuse_core"
 STRICT_ENV = "REUSE_CORE_STRICT_PLUGINS"
@@ -32,6 +40,12 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "reuse_core.builtin.datasets",
     "reuse_core.builtin.strategies",
 )
+
+# torch is imported before the clock starts: every plugin needs it, and it is no plugin's own cost.
+SHARED_IMPORTS: tuple[str, ...] = ("torch",)
+
+# A plugin taking longer than this (import and register hooks) is marked slow in `reuse plugins`.
+SLOW_LOAD_SECONDS = 1.0
 
 REGISTER_HOOKS = {
     "reuse_register_backbones": "backbone",
@@ -55,7 +69,8 @@ class PluginHookError(RuntimeError):
 
 @dataclass
 class PluginInfo:
-    """One plugin as ``reuse plugins`` lists it. ``error`` is None when everything loaded."""
+    """One plugin as ``reuse plugins`` lists it. ``error`` is None when everything loaded;
+    ``load_seconds`` is the time its import and its register hooks took."""
 
     name: str
     distribution: str
@@ -63,9 +78,14 @@ class PluginInfo:
     description: str = ""
     hooks: list[str] = field(default_factory=list)
     error: str | None = None
+    load_seconds: float = 0.0
+
+    @property
+    def slow(self) -> bool:
+        return self.load_seconds > SLOW_LOAD_SECONDS
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "load_seconds": round(self.load_seconds, 4), "slow": self.slow}
 
 
 def _env_flag(name: str) -> bool:
@@ -95,23 +115,27 @@ class ReusePluginManager(pluggy.PluginManager):
 
     def load(self, builtins: tuple[str, ...] = BUILTIN_PLUGINS) -> ReusePluginManager:
         """Import and register the built-ins, then (unless autoload is off) the entry points,
-        then run the register hooks. Returns self."""
-        dist_version = _distribution_version("reuse-core")
-        for module in builtins:
-            self._add_plugin(module, "reuse-core", dist_version, functools.partial(importlib.import_module, module))
-        if self.autoload:
-            for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-                dist = ep.dist
-                self._add_plugin(ep.name, dist.name if dist else "?", dist.version if dist else "?", ep.load)
-        for hook_name, kind in REGISTER_HOOKS.items():
-            self._run_register_hook(hook_name, getattr(self, _REGISTRY_ATTR[kind]))
+        then run the register hooks. Returns self. What the plugins print meanwhile goes to stderr."""
+        for module in SHARED_IMPORTS if builtins else ():
+            with contextlib.suppress(ImportError):  # then the built-ins report it
+                importlib.import_module(module)
+        with contextlib.redirect_stdout(sys.stderr):
+            dist_version = _distribution_version("reuse-core")
+            for module in builtins:
+                self._add_plugin(module, "reuse-core", dist_version, functools.partial(importlib.import_module, module))
+            if self.autoload:
+                for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+                    dist = ep.dist
+                    self._add_plugin(ep.name, dist.name if dist else "?", dist.version if dist else "?", ep.load)
+            for hook_name, kind in REGISTER_HOOKS.items():
+                self._run_register_hook(hook_name, getattr(self, _REGISTRY_ATTR[kind]))
         return self
 
     def _report(self, info: PluginInfo, message: str) -> None:
         info.error = message if info.error is None else f"{info.error}; {message}"
         text = f"reuse-core plugin {info.name!r} ({info.distribution} {info.version}): {message}"
         if self.strict:
-            raise PluginError(f"{text}\n(fatal because {STRICT_ENV}=1)")
+            raise PluginError(f"{text} (fatal because {STRICT_ENV}=1)")  # one line, as `reuse` prints it
         warnings.warn(text, RuntimeWarning, stacklevel=2)
 
     def _add_plugin(self, name: str, distribution: str, version: str, load: Callable[[], object]) -> None:
@@ -120,11 +144,16 @@ class ReusePluginManager(pluggy.PluginManager):
             self._report(info, f"another plugin is already called {name!r} (from {self._infos[name].distribution}); skipped")
             return
         self._infos[name] = info
+        start = time.perf_counter()
         try:
             plugin = load()
-        except Exception as e:
-            self._report(info, f"failed to import: {type(e).__name__}: {e}")
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # SystemExit too: a plugin must not end the process
+            self._report(info, f"failed to import: {_error_text(e)}")
             return
+        finally:
+            info.load_seconds += time.perf_counter() - start
         info.description = _first_line(plugin)
         if self.is_registered(plugin):
             self._report(info, f"is the same object as plugin {self.get_name(plugin)!r}; skipped")
@@ -155,13 +184,16 @@ class ReusePluginManager(pluggy.PluginManager):
             def on_taken(err: NameTakenError, info: PluginInfo = info) -> None:
                 self._report(info, str(err))
 
+            start = time.perf_counter()
             try:
                 with registry.adding_as(impl.plugin_name, on_taken):
                     _call_impl(impl, {"registry": registry})
-            except PluginError:
+            except (PluginError, KeyboardInterrupt):
                 raise
-            except Exception as e:
-                self._report(info, f"{hook_name} raised {type(e).__name__}: {e} (its {registry.kind}s were not registered)")
+            except BaseException as e:  # SystemExit too
+                self._report(info, f"{hook_name} raised {_error_text(e)} (its {plural(registry.kind)} were not registered)")
+            finally:
+                info.load_seconds += time.perf_counter() - start
 
     # ---- reports --------------------------------------------------------------------------
 
@@ -172,6 +204,12 @@ class ReusePluginManager(pluggy.PluginManager):
     def distribution_of(self, plugin_name: str) -> str:
         info = self._infos.get(plugin_name)
         return f"{info.distribution} {info.version}" if info else "?"
+
+
+def _error_text(e: BaseException) -> str:
+    """``Type: message`` for an exception; ``SystemExit(7)`` for the others (an exit, a generator
+    closing), whose message alone would say nothing."""
+    return f"{type(e).__name__}: {e}" if isinstance(e, Exception) else repr(e)
 
 
 def _call_impl(impl: pluggy.HookImpl, kwargs: dict[str, Any]) -> Any:

@@ -45,6 +45,7 @@ else:  # the same parser, before it joined the standard library
     import tomli as tomllib
 
 TOP_LEVEL = ("description", "defaults", "step")
+SHIPPED_DIR = Path(__file__).with_name("recipes")  # package data: found from any folder
 RECIPE_FILE = "recipe.json"
 
 
@@ -66,6 +67,7 @@ class Recipe:
     description: str = ""
     defaults: dict = dataclasses.field(default_factory=dict)
     source: str = "<recipe>"
+    problems: tuple[str, ...] = ()  # structural errors parse found; check() reports them with the rest
 
     @property
     def stem(self) -> str:
@@ -101,7 +103,9 @@ def _registry():
 
 
 def parse(text: str, source: str = "<recipe>") -> Recipe:
-    """The recipe's structure (TOML syntax, tables, step names); :func:`check` checks the options."""
+    """The recipe's structure. Bad TOML is a :class:`RecipeError` at once; other structural problems
+    (tables, step names and strategies) are kept in ``problems``, and :func:`check` reports them
+    together with the steps' options."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -121,21 +125,38 @@ def parse(text: str, source: str = "<recipe>") -> Recipe:
     steps, seen = [], {}
     for i, raw in enumerate(raw_steps, 1):
         name, strategy = raw.get("name"), raw.get("strategy")
+        label = f"{source}, step {name!r}" if isinstance(name, str) and name else f"{source}, step {i}"
         if not isinstance(name, str) or not name:
-            errors.append(f"{source}, step {i}: needs a name (name = \"...\"), got {name!r}")
-            continue
-        label = f"{source}, step {name!r}"
-        if name in seen:
+            errors.append(f"{label}: needs a name (name = \"...\"), got {name!r}")
+            name = f"#{i}"  # its options are still checked
+        elif name in seen:
             errors.append(f"{label}: the name is taken by step {seen[name]} (step names must be unique)")
             continue
         seen[name] = i
         if not isinstance(strategy, str) or not strategy:
             errors.append(f"{label}: needs a strategy (strategy = \"...\"), got {strategy!r}")
-            continue
+            strategy = ""  # check() then cannot tell which options it takes
         steps.append(Step(name, strategy, {k: v for k, v in raw.items() if k not in ("name", "strategy")}))
-    if errors:
-        raise RecipeError("\n".join(errors))
-    return Recipe(tuple(steps), str(doc.get("description", "")), dict(defaults), source)
+    return Recipe(tuple(steps), str(doc.get("description", "")), dict(defaults), source, tuple(errors))
+
+
+def shipped() -> dict[str, Path]:
+    """The recipes shipped with reuse-core, by name (the file's stem)."""
+    return {p.stem: p for p in sorted(SHIPPED_DIR.glob("*.toml"))}
+
+
+def find(target: str, *, strategies=None) -> Path | None:
+    """The recipe file ``target`` names, or None when it names a strategy: an existing file, a
+    ``*.toml`` path, or the name of a shipped recipe (with or without ``.toml``) that no strategy has."""
+    path = Path(target)
+    if path.is_file():
+        return path
+    name = target.removesuffix(".toml")
+    if target.endswith(".toml") and (path.parent != Path(".") or name not in shipped()):
+        return path  # a path that is not there: load() says so
+    if target in (strategies if strategies is not None else _registry()):
+        return None
+    return shipped().get(name)
 
 
 def load(path: str | os.PathLike) -> Recipe:
@@ -164,40 +185,52 @@ def _ref_problem(ref: str, index: int, order: dict[str, int], store) -> str | No
 
 
 def check(recipe: Recipe, *, store=None, strategies=None) -> dict[str, dict]:
-    """Every step's resolved options, or a :class:`RecipeError` listing every problem: unknown
-    strategies, bad options, model references to a later or unknown step (with ``store``, a
-    reference that is no step must name a model in it), and defaults no step takes."""
+    """Every step's resolved options, or a :class:`RecipeError` listing every problem at once: the
+    structural ones parse found, unknown strategies, bad options, model references to a later or
+    unknown step (with ``store``, a reference that is no step must name a model in it), and defaults
+    no step takes."""
     from reuse_core.registry import UnknownNameError
 
     strategies = strategies or _registry()
     order = {s.name: i for i, s in enumerate(recipe.steps)}
-    errors, resolved, used = [], {}, set()
+    errors, resolved, used, partial = list(recipe.problems), {}, set(), False
     for i, step in enumerate(recipe.steps):
-        where = f"{recipe.source}, step {step.name!r}"
+        where = f"{recipe.source}, step " + (step.name[1:] if step.name.startswith("#") else repr(step.name))
+        if not step.strategy:
+            partial = True
+            continue
         try:
             strat = strategies.get(step.strategy)
         except UnknownNameError as e:
             errors.append(f"{where}: {e}")
+            partial = True  # which options that step takes is unknown
             continue
         raw = recipe.step_options(step, strat)
         used.update(k for k in raw if k in recipe.defaults)
         try:
             opts = strat.resolve(raw, where=where)
+            resolved[step.name] = opts
         except OptionError as e:
             errors.append(str(e))
-            continue
+            opts = {k.replace("-", "_"): v for k, v in raw.items()}  # the references are still checked
         for o in strat.options:
-            if o.ref and opts[o.name] is not None:
-                for ref in (opts[o.name] if o.type is list else [opts[o.name]]):
-                    problem = _ref_problem(ref, i, order, store)
-                    if problem:
-                        errors.append(f"{where}: option {o.name!r}: {problem}")
-        resolved[step.name] = opts
-    if len(resolved) == len(recipe.steps):  # every strategy known: a default none takes is a typo
+            try:
+                refs = o.convert(opts[o.name]) if o.ref and opts.get(o.name) is not None else None
+            except ValueError:
+                continue  # reported by resolve
+            for ref in (refs if o.type is list else [refs]) if refs is not None else []:
+                problem = _ref_problem(ref, i, order, store)
+                if problem:
+                    errors.append(f"{where}: option {o.name!r}: {problem}")
+    if not partial:  # every step's strategy known: a default none takes is a typo
         errors += [f"{recipe.source}, [defaults]: {k!r} is an option of no step" for k in recipe.defaults if k not in used]
     if errors:
         raise RecipeError("\n".join(errors))
     return resolved
+
+
+def _same_recipe(recipe: Recipe, recorded: dict) -> bool:
+    return recorded.get("steps") == recipe.as_dict()["steps"] and recorded.get("defaults", {}) == recipe.defaults
 
 
 @dataclasses.dataclass
@@ -219,11 +252,14 @@ def run(recipe: Recipe, *, store=None, run_dir: str | os.PathLike | None = None,
     store = run_mod.default_store(store)
     check(recipe, store=store)
     if resume:
-        run_dir = Path(run_dir) if run_dir is not None else run_mod.latest_unfinished(recipe.stem, RECIPE_FILE)
+        if run_dir is None:
+            run_dir = run_mod.latest_unfinished(recipe.stem, RECIPE_FILE, matches=lambda rec: _same_recipe(recipe, rec),
+                                                what=" of this recipe with these values")
+        run_dir = Path(run_dir)
         recorded = read_json(run_dir / RECIPE_FILE)
         if recorded is None:
             raise run_mod.RunError(f"nothing to resume in {run_dir}: it has no {RECIPE_FILE}")
-        if recorded["steps"] != recipe.as_dict()["steps"] or recorded.get("defaults", {}) != recipe.defaults:
+        if not _same_recipe(recipe, recorded):
             raise RecipeError(f"{recipe.source}: the recipe differs from the one {run_dir} started with; "
                               "resume with the same recipe (and --set values) or start a new run")
     else:
@@ -252,11 +288,17 @@ def run(recipe: Recipe, *, store=None, run_dir: str | os.PathLike | None = None,
         options = recipe.step_options(step, strat)
         if any(o.name == "name" for o in strat.options):  # `reuse models list` then says where a model came from
             options.setdefault("name", f"{recipe.stem}.{step.name}")
-        result = run_mod.run(
-            step.strategy, store=store, run_dir=step_dir, device=device,
-            resume=resume and (step_dir / run_mod.RUN_FILE).exists(), quiet=quiet, refs=refs,
-            where=f"{recipe.source}, step {step.name!r}", **options,
-        )
+        try:
+            result = run_mod.run(
+                step.strategy, store=store, run_dir=step_dir, device=device,
+                resume=resume and (step_dir / run_mod.RUN_FILE).exists(), quiet=quiet, refs=refs,
+                where=f"{recipe.source}, step {step.name!r}", **options,
+            )
+        except KeyboardInterrupt:
+            raise run_mod.RunInterrupted(run_dir) from None
+        except Exception as e:
+            write_json(run_dir / run_mod.FAILED_FILE, {"step": step.name, "error": f"{type(e).__name__}: {e}"})
+            raise
         results[step.name] = result
         if result.model is not None:
             refs[step.name] = result.model

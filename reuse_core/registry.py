@@ -15,6 +15,11 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 
 
+def plural(kind: str) -> str:
+    """The plural of a registry's kind: "backbones", "strategies", "datasets"."""
+    return kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
+
+
 class RegistryError(Exception):
     """Base of the registry errors."""
 
@@ -38,7 +43,7 @@ class UnknownNameError(RegistryError, KeyError):
         self.kind, self.name = kind, name
         close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        kinds = kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
+        kinds = plural(kind)
         self.message = f"unknown {kind} {name!r}{hint} ({len(known)} {kinds} are registered; `reuse {kinds}` lists them)"
         super().__init__(self.message)
 

@@ -6,8 +6,13 @@ dataset, classes, metrics, the weights' sha256, creation time, and lineage (pare
 strategy and options that produced it, and a summary of every ancestor, so the story survives an
 ancestor's removal or a trip to another store). Every write is atomic; every read of weights
 checks the sha256 first, so a changed or truncated file is refused with a :class:`StoreError`.
+A manifest that cannot be read (unparsable, too large, nested too deeply, fields of the wrong type)
+marks only its own entry broken.
 
-Models are named by id, by a unique prefix of one, or by a unique name.
+Models are named by id, by a unique prefix of one, or by name: several models may share a name
+(each seed of a recipe step does); the name alone means the newest of them, ``NAME@N`` the N-th,
+1 the oldest (:meth:`ModelStore.resolve`). Names hold no path separators, ``@`` or control
+characters (:func:`check_name`), and what the store prints escapes control characters (:func:`printable`).
 Building the nn.Module from a manifest is the strategies' job:
 ``backbone.build(m["backbone"], len(m["classes"]), **m["config"])`` then ``load_state_dict``.
 """
@@ -18,8 +23,11 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
+import time
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +44,14 @@ MANIFEST = "manifest.json"
 EXPORT_KEY = "reuse_core.manifest"  # safetensors metadata key of an export's manifest
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 _SUMMARY_KEYS = ("id", "name", "backbone", "dataset", "created")
+ID_PATTERN = re.compile(r"[0-9a-f]{12}")  # what save makes: secrets.token_hex(6)
+NAME_MAX = 128  # characters
+MANIFEST_MAX_BYTES = 8 << 20  # a manifest is a few KB; its ancestry grows by ~300 bytes an ancestor
+MANIFEST_MAX_DEPTH = 64  # nesting of JSON objects and arrays
+STALE_SECONDS = 30 * 60  # a .tmp-*/.rm-* folder untouched this long belongs to a save or rm that was killed
+_UNPRINTABLE = {"Cc", "Cf", "Cs", "Zl", "Zp"}  # control (ANSI escapes, newlines), format (bidi), surrogates
+NAME_RULE = (f"a model name is 1 to {NAME_MAX} characters, without '/', '\\', '@' (which separates a name "
+             "from its version, NAME@N) or control characters, and is not '.' or '..'")
 
 
 class StoreError(Exception):
@@ -65,6 +81,100 @@ def default_root() -> Path:
     return Path(cache) / "reuse-core" / "store"
 
 
+def _unprintable(c: str) -> bool:
+    return unicodedata.category(c) in _UNPRINTABLE
+
+
+def printable(text: Any) -> str:
+    """``str(text)`` with control characters (ANSI escapes, newlines), invisible format characters
+    and lone surrogates written as escapes (``\\x1b``, ``\\u202e``): safe to print to a terminal."""
+    return "".join((f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") if _unprintable(c) else c
+                   for c in str(text))
+
+
+def _short(text: Any, limit: int = 60) -> str:
+    text = str(text)
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
+def check_name(name: Any) -> str:
+    """``name`` if it may name a model (:data:`NAME_RULE`), else a :class:`StoreError` naming it."""
+    if (not isinstance(name, str) or not name or len(name) > NAME_MAX or name in (".", "..")
+            or any(c in "/\\@" or _unprintable(c) for c in name)):
+        raise StoreError(f"the model name {_short(name)} is not allowed: {NAME_RULE}")
+    return name
+
+
+def clean_name(text: str, limit_bytes: int = 200) -> str:
+    """``text`` made into an allowed name (and a safe file name): separators, ``@`` and control
+    characters become ``_``, at most NAME_MAX characters and ``limit_bytes`` UTF-8 bytes."""
+    out = "".join("_" if c in "/\\@" or _unprintable(c) else c for c in str(text))[:NAME_MAX]
+    while len(out.encode("utf-8", "replace")) > limit_bytes:
+        out = out[:-1]
+    return out if out not in ("", ".", "..") else "model"
+
+
+def _child(folder: Path, name: str) -> Path:
+    """``folder / name``, after checking that it is one plain entry of ``folder``: the resolved path
+    lies directly inside the resolved folder, so a write there cannot land anywhere else."""
+    base = folder.resolve()
+    if (name in ("", ".", "..") or any(c in name for c in "/\\\0")
+            or Path(os.path.normpath(base / name)).parent != base):
+        raise StoreError(f"{_short(name)} is not a plain entry of {folder}; refusing it")
+    return folder / name
+
+
+def _parse_json(text: str | bytes, where: str) -> Any:
+    """JSON of bounded size and depth: a huge or deeply nested file is refused, not a RecursionError."""
+    if len(text) > MANIFEST_MAX_BYTES:
+        raise StoreError(f"{where} is not a readable manifest (over {MANIFEST_MAX_BYTES} bytes, more than any "
+                         "manifest holds)")
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise StoreError(f"{where} is not a readable manifest (nested too deeply)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"{where} is not a readable manifest ({e})") from None
+    todo = [(data, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MANIFEST_MAX_DEPTH:
+                raise StoreError(f"{where} is not a readable manifest (nested more than {MANIFEST_MAX_DEPTH} deep)")
+            todo.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return data
+
+
+_FIELDS = {"id": str, "backbone": str, "classes": list, "weights": dict, "lineage": dict}  # required
+_OPTIONAL_FIELDS = {"name": str, "config": dict, "metrics": dict, "created": str, "dataset": str,
+                    "lineage.parents": list, "lineage.ancestry": dict, "lineage.strategy": str,
+                    "lineage.options": dict, "weights.sha256": str}  # null is allowed
+
+
+def _check_manifest(manifest: Any, where: str) -> dict[str, Any]:
+    """``manifest`` if it has the fields of one, of the types the store and ``reuse models`` use."""
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{where} is not a manifest (a JSON object)")
+    missing = [k for k in _FIELDS if k not in manifest]
+    if missing:
+        raise StoreError(f"{where}: the manifest lacks {', '.join(missing)}")
+    wrong = [k for k, kind in _FIELDS.items() if not isinstance(manifest[k], kind)]
+    for key, kind in _OPTIONAL_FIELDS.items():
+        outer, _, inner = key.rpartition(".")
+        within = manifest[outer] if outer else manifest
+        if isinstance(within, dict) and within.get(inner) is not None and not isinstance(within[inner], kind):
+            wrong.append(key)
+    if isinstance(manifest["classes"], list) and not all(isinstance(c, str) for c in manifest["classes"]):
+        wrong.append("classes")
+    parents = manifest["lineage"].get("parents") if isinstance(manifest["lineage"], dict) else None
+    if isinstance(parents, list) and not all(isinstance(p, str) for p in parents):
+        wrong.append("lineage.parents")
+    if wrong:
+        raise StoreError(f"{where}: the manifest's {', '.join(wrong)} {'has' if len(wrong) == 1 else 'have'} the "
+                         "wrong type (it was edited)")
+    return manifest
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -79,10 +189,71 @@ def _serialize(state: dict[str, Any]) -> bytes:
     return st_save({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()})
 
 
+def _parse_weights(data: bytes, where: str) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(data)
+    except (SafetensorError, ValueError) as e:
+        raise StoreError(f"{where} is not a valid safetensors file ({e})") from None
+
+
+def _node(fields: dict[str, Any], strategy: Any, parents: Any) -> dict[str, Any]:
+    """A lineage summary with the types format_lineage relies on, whatever an edited manifest holds."""
+    def text(v: Any) -> str | None:
+        return v if v is None or isinstance(v, str) else str(v)
+
+    return {**{k: text(fields.get(k)) for k in _SUMMARY_KEYS}, "strategy": text(strategy),
+            "parents": [p for p in parents if isinstance(p, str)] if isinstance(parents, list) else []}
+
+
 def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
-    lineage = manifest.get("lineage", {})
-    return {**{k: manifest.get(k) for k in _SUMMARY_KEYS}, "strategy": lineage.get("strategy"),
-            "parents": list(lineage.get("parents", []))}
+    lineage = manifest.get("lineage") if isinstance(manifest.get("lineage"), dict) else {}
+    return _node(manifest, lineage.get("strategy"), lineage.get("parents"))
+
+
+def _by_name(models: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """name -> the ids of the readable models of that name, in ``models``' order (list(): oldest first)."""
+    out: dict[str, list[str]] = {}
+    for m in models:
+        if "error" not in m and isinstance(m.get("name"), str):
+            out.setdefault(m["name"], []).append(m["id"])
+    return out
+
+
+def version_labels(models: list[dict[str, Any]]) -> dict[str, str]:
+    """id -> ``NAME@N`` for the models of :meth:`ModelStore.list` (N counts from 1, the oldest)."""
+    return {mid: f"{name}@{n}" for name, ids in _by_name(models).items() for n, mid in enumerate(ids, 1)}
+
+
+def _cycle(nodes: dict[str, dict[str, Any]]) -> list[str]:
+    """A cycle of parent links among ``nodes``, parent first and the first id again at the end
+    (``[a, b, a]``: a is b's parent and b is a's), or [] where there is none."""
+    pending = {i: len({p for p in s["parents"] if p in nodes}) for i, s in nodes.items()}
+    children: dict[str, list[str]] = {}
+    for i, s in nodes.items():
+        for p in {p for p in s["parents"] if p in nodes}:
+            children.setdefault(p, []).append(i)
+    todo = [i for i, n in pending.items() if n == 0]
+    while todo:  # peel off the models whose parents are all peeled off; what stays is on or below a cycle
+        for c in children.get(todo.pop(), []):
+            pending[c] -= 1
+            if pending[c] == 0:
+                todo.append(c)
+    left = [i for i, n in pending.items() if n]
+    if not left:
+        return []
+    path, at = [], left[0]
+    while at not in path:  # every model left has a parent left: walk up until one repeats
+        path.append(at)
+        at = next(p for p in nodes[at]["parents"] if pending.get(p))
+    return [*reversed(path[path.index(at):]), path[-1]]
+
+
+def _refuse_cycle(nodes: dict[str, dict[str, Any]], mid: str) -> None:
+    cycle = _cycle(nodes)
+    if cycle:
+        names = [f"{i} ({nodes[i].get('name')})" if nodes[i].get("name") else i for i in cycle]
+        raise StoreError(f"the lineage of {mid} has a cycle, each model a parent of the next: {' -> '.join(names)}; "
+                         "a manifest was edited")
 
 
 def _now() -> str:
@@ -100,8 +271,10 @@ class ModelStore:
              config: dict, dataset: str | None, classes: list[str], metrics: dict, parents: list[str],
              strategy: str, options: dict, name: str | None = None, run: dict | None = None) -> ModelRecord:
         """Store a model's weights with its manifest; ``parents`` may be ids, prefixes or names of
-        models in this store. ``run``: ``{"id", "key"}`` of the run and the save within it that
-        produced the model (:meth:`find_run_product` finds it again). Returns the new record."""
+        models in this store. ``name`` must follow :data:`NAME_RULE` (default:
+        ``<backbone>-<strategy>``); a name already in the store is fine: this model becomes its
+        newest version. ``run``: ``{"id", "key"}`` of the run and the save within it that produced
+        the model (:meth:`find_run_product` finds it again). Returns the new record."""
         state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, torch.nn.Module) \
             else model_or_state_dict
         parent_ids = [self.resolve(p) for p in parents]
@@ -110,9 +283,10 @@ class ModelStore:
             pm = self.manifest(pid)
             ancestry.update(pm.get("lineage", {}).get("ancestry", {}))
             ancestry[pid] = _summary(pm)
+        name = check_name(name) if name is not None else clean_name(f"{backbone}-{strategy or 'model'}")
         mid = secrets.token_hex(6)
         manifest = {
-            "format": FORMAT, "id": mid, "name": name or f"{backbone}-{strategy or 'model'}",
+            "format": FORMAT, "id": mid, "name": name,
             "backbone": backbone, "config": dict(config), "dataset": dataset, "classes": [str(c) for c in classes],
             "metrics": dict(metrics), "created": _now(),
             "lineage": {"parents": parent_ids, "strategy": strategy, "options": dict(options), "ancestry": ancestry},
@@ -122,29 +296,54 @@ class ModelStore:
         return self._write(manifest, _serialize(state))
 
     def _write(self, manifest: dict[str, Any], weights: bytes) -> ModelRecord:
+        mid = manifest["id"]
+        if not isinstance(mid, str) or not ID_PATTERN.fullmatch(mid):
+            raise StoreError(f"{_short(mid)} is not a store id (12 hex digits)")
         manifest = dict(manifest, weights={"file": WEIGHTS, "sha256": _sha256(weights), "bytes": len(weights)})
         text = json.dumps(manifest, indent=2, default=str) + "\n"
         self.models.mkdir(parents=True, exist_ok=True)
-        tmp = self.models / f".tmp-{manifest['id']}-{secrets.token_hex(4)}"
+        self._remove_leftovers()
+        final = _child(self.models, mid)
+        tmp = _child(self.models, f".tmp-{mid}-{secrets.token_hex(4)}")
         tmp.mkdir()
         try:
             with atomic_open(tmp / WEIGHTS) as f:
                 f.write(weights)
             with atomic_open(tmp / MANIFEST, "w") as f:
                 f.write(text)
-            os.replace(tmp, self.models / manifest["id"])
+            os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         fsync_dir(self.models)
-        return ModelRecord(manifest["id"], self.models / manifest["id"], json.loads(text))
+        return ModelRecord(mid, final, json.loads(text))
+
+    def _remove_leftovers(self) -> None:
+        """Delete the ``.tmp-*`` folders of saves (and ``.rm-*`` of removals) that were killed midway:
+        those in which nothing changed for STALE_SECONDS. A writer at work changes its folder all the
+        time (it creates files there, the weights file grows), so its folder is never taken; a writer
+        paused for that long finds its folder gone and fails, leaving the store as it was."""
+        now = time.time()
+        for p in self.models.iterdir():
+            if not p.name.startswith((".tmp-", ".rm-")) or p.is_symlink() or not p.is_dir():
+                continue
+            try:
+                changed = max([p.stat().st_mtime, *(c.lstat().st_mtime for c in p.iterdir())])
+            except OSError:  # gone already, or not ours to look into
+                continue
+            if now - changed > STALE_SECONDS:
+                shutil.rmtree(p, ignore_errors=True)
 
     def rm(self, ref: str) -> dict[str, Any]:
-        """Remove a model; returns its manifest. Its descendants keep its summary in their lineage."""
+        """Remove a model (a broken entry too); returns its manifest, as far as it is readable.
+        Its descendants keep its summary in their lineage."""
         mid = self.resolve(ref)
-        manifest = self._read_manifest(mid, check=False)
-        trash = self.models / f".rm-{mid}-{secrets.token_hex(4)}"
-        os.replace(self.models / mid, trash)  # gone from the store in one step; then delete at leisure
+        try:
+            manifest = {**self._read_manifest(mid, check=False), "id": mid}
+        except StoreError:
+            manifest = {"id": mid}
+        trash = _child(self.models, f".rm-{mid}-{secrets.token_hex(4)}")
+        os.replace(_child(self.models, mid), trash)  # gone from the store in one step; then delete at leisure
         shutil.rmtree(trash)
         return manifest
 
@@ -156,39 +355,57 @@ class ModelStore:
         return sorted(p.name for p in self.models.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def resolve(self, ref: str) -> str:
-        """The full id of the model named by an id, a unique id prefix, or a unique name."""
+        """The full id of the model ``ref`` names, the first of these that matches:
+
+        1. an id;
+        2. the start of exactly one id;
+        3. a name: the newest model of that name (the last in :meth:`list`'s order, by creation time);
+        4. ``NAME@N``: the N-th model of that name, 1 the oldest (ids hold no ``@``, so this never
+           meets an id; ``reuse models list`` shows each model's ``NAME@N``).
+
+        The start of several ids is an error only where no name matches either: a name wins over an
+        ambiguous prefix. A name made of hex digits can be shadowed by the start of an id; NAME@N cannot.
+        """
         ids = self._ids()
         if ref in ids:
             return ref
         by_prefix = [i for i in ids if i.startswith(ref)] if ref else []
         if len(by_prefix) == 1:
             return by_prefix[0]
+        named = _by_name(self.list())
+        if ref in named:
+            return named[ref][-1]
+        name, at, number = ref.rpartition("@")
+        if at and name in named:
+            versions = named[name]
+            if not re.fullmatch(r"[0-9]+", number) or not 1 <= int(number) <= len(versions):
+                n = len(versions)
+                raise StoreError(f"no model {ref!r}: {name!r} names " + (f"1 model, {name}@1" if n == 1 else
+                                 f"{n} models, {name}@1 (the oldest) to {name}@{n} (the newest, also just {name!r})"))
+            return versions[int(number) - 1]
         if len(by_prefix) > 1:
             raise StoreError(f"{ref!r} is the start of {len(by_prefix)} model ids ({', '.join(by_prefix[:8])}); "
                              "give more characters")
-        by_name = [m["id"] for m in self.list() if m.get("name") == ref]
-        if len(by_name) == 1:
-            return by_name[0]
-        if by_name:
-            raise StoreError(f"{len(by_name)} models are named {ref!r} ({', '.join(by_name)}); use an id")
         raise StoreError(f"no model {ref!r} in the store at {self.root} (`reuse models list` shows what it holds)")
 
     def _read_manifest(self, mid: str, *, check: bool = True) -> dict[str, Any]:
-        path = self.models / mid / MANIFEST
+        path = _child(self.models, mid) / MANIFEST
+        where = f"model {mid}: {path}"
         try:
-            manifest = json.loads(path.read_text())
+            with open(path, "rb") as f:
+                text = f.read(MANIFEST_MAX_BYTES + 1)  # no more than that is read, however large the file
         except FileNotFoundError:
-            raise StoreError(f"model {mid}: {path} is missing (an incomplete or damaged entry)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise StoreError(f"model {mid}: {path} is not a readable manifest ({e})") from None
-        if not isinstance(manifest, dict):
-            raise StoreError(f"model {mid}: {path} is not a manifest (a JSON object)")
-        if check:
-            missing = [k for k in ("id", "backbone", "classes", "weights", "lineage") if k not in manifest]
-            if missing:
-                raise StoreError(f"model {mid}: the manifest lacks {', '.join(missing)}")
-            if manifest["id"] != mid:
-                raise StoreError(f"model {mid}: its manifest names another id ({manifest['id']!r}); it was edited")
+            raise StoreError(f"{where} is missing (an incomplete or damaged entry)") from None
+        except OSError as e:
+            raise StoreError(f"{where} is not a readable manifest ({e})") from None
+        manifest = _parse_json(text, where)
+        if not check:
+            if not isinstance(manifest, dict):
+                raise StoreError(f"{where} is not a manifest (a JSON object)")
+            return manifest
+        _check_manifest(manifest, where)
+        if manifest["id"] != mid:
+            raise StoreError(f"model {mid}: its manifest names another id ({_short(manifest['id'])}); it was edited")
         return manifest
 
     def manifest(self, ref: str) -> dict[str, Any]:
@@ -240,10 +457,7 @@ class ModelStore:
         """(state_dict on the CPU, manifest), the weights checked against the manifest's sha256."""
         mid = self.resolve(ref)
         data, manifest = self._verified_weights(mid)
-        try:
-            return st_load(data), manifest
-        except (SafetensorError, ValueError) as e:
-            raise StoreError(f"model {mid}: its weights are not a valid safetensors file ({e})") from None
+        return _parse_weights(data, f"model {mid}: its weights {self.models / mid / WEIGHTS}"), manifest
 
     # ---------------------------------------------------------------- lineage
 
@@ -251,13 +465,19 @@ class ModelStore:
         """How knowledge flowed into and out of a model, as a graph:
         ``{"id", "nodes": {id: summary}, "ancestors": [ids], "descendants": [ids]}``. A summary has
         id, name, strategy, backbone, dataset, created, parents and ``in_store`` (False for an
-        ancestor known only from the summaries its descendants carry)."""
+        ancestor known only from the summaries its descendants carry). Broken entries of the store
+        are left out (a broken ``ref`` is a StoreError); a cycle of parents is a StoreError naming it."""
         mid = self.resolve(ref)
-        manifests = {m["id"]: m for m in self.list() if "error" not in m}
+        entries = self.list()
+        for m in entries:
+            if m["id"] == mid and "error" in m:
+                raise StoreError(m["error"])
+        manifests = {m["id"]: m for m in entries if "error" not in m}
         nodes = {i: dict(_summary(m), in_store=True) for i, m in manifests.items()}
         for m in manifests.values():
-            for aid, s in m.get("lineage", {}).get("ancestry", {}).items():
-                nodes.setdefault(aid, dict(s, in_store=False))
+            for aid, s in (m["lineage"].get("ancestry") or {}).items():
+                if isinstance(s, dict):
+                    nodes.setdefault(aid, dict(_node(s, s.get("strategy"), s.get("parents")), id=aid, in_store=False))
 
         def walk(start: str, step) -> list[str]:
             seen: list[str] = []
@@ -278,21 +498,24 @@ class ModelStore:
         ancestors = walk(mid, lambda i: nodes[i]["parents"])
         descendants = walk(mid, lambda i: children.get(i, []))
         keep = {mid, *ancestors, *descendants}
-        return {"id": mid, "nodes": {i: nodes[i] for i in nodes if i in keep},
-                "ancestors": ancestors, "descendants": descendants}
+        kept = {i: nodes[i] for i in nodes if i in keep}
+        _refuse_cycle(kept, mid)
+        return {"id": mid, "nodes": kept, "ancestors": ancestors, "descendants": descendants}
 
     # ---------------------------------------------------------------- moving models
 
     def export(self, ref: str, path: str | os.PathLike) -> Path:
         """Write the model as one self-contained .safetensors file (weights, with the manifest in
         the file's metadata) that :meth:`import_` reads back into any store. A folder ``path``
-        gets ``<name>-<id>.safetensors`` inside it. Returns the file written."""
+        gets ``<name>-<id>.safetensors`` inside it (the name made safe: :func:`clean_name`). Returns
+        the file written."""
         mid = self.resolve(ref)
         data, manifest = self._verified_weights(mid)
         path = Path(path).expanduser()
         if path.is_dir():
-            path = path / f"{manifest['name']}-{mid}.safetensors"
-        blob = st_save(st_load(data), metadata={EXPORT_KEY: json.dumps(manifest)})
+            path = _child(path, f"{clean_name(manifest.get('name') or 'model')}-{clean_name(mid)}.safetensors")
+        state = _parse_weights(data, f"model {mid}: its weights {self.models / mid / WEIGHTS}")
+        blob = st_save(state, metadata={EXPORT_KEY: json.dumps(manifest)})
         with atomic_open(path) as f:
             f.write(blob)
         return path
@@ -305,6 +528,8 @@ class ModelStore:
         new lineage. External weights are checked against the backbone built with ``config`` and
         as many classes as ``classes`` gives (a count or names; default: the head's size)."""
         path = Path(path).expanduser()
+        if name is not None:
+            check_name(name)
         if not path.is_file():
             raise StoreError(f"{path}: no such file")
         if path.suffix == ".safetensors":
@@ -323,23 +548,25 @@ class ModelStore:
                              f"weights) and PyTorch state_dict files ({', '.join(TORCH_SUFFIXES)})")
         if not backbone:
             raise StoreError(f"{path}: external weights need the backbone they belong to (--backbone NAME; "
-                             "`reuse plugins list` shows the registered ones)")
+                             "`reuse backbones` lists the registered ones)")
         return self._import_external(path, state, fmt, backbone=backbone, config=config or {}, classes=classes,
                                      name=name)
 
     @staticmethod
     def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-        try:
-            return st_load(path.read_bytes())
-        except (SafetensorError, ValueError) as e:
-            raise StoreError(f"{path}: not a valid safetensors file ({e})") from None
+        return _parse_weights(path.read_bytes(), str(path))
 
     def _import_export(self, path: Path, meta: str, *, backbone: str | None) -> ModelRecord:
+        where = f"{path}: its {EXPORT_KEY} metadata"
+        manifest = _check_manifest(_parse_json(meta, where), where)
+        mid, want = manifest["id"], manifest["weights"].get("sha256")
+        if not ID_PATTERN.fullmatch(mid):
+            raise StoreError(f"{path}: the export's manifest gives the id {_short(mid)}, which is not a store id "
+                             "(12 hex digits); refusing to import it")
         try:
-            manifest = json.loads(meta)
-            mid, want = manifest["id"], manifest["weights"]["sha256"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise StoreError(f"{path}: its {EXPORT_KEY} metadata is not a store manifest ({e})") from None
+            check_name(manifest.get("name"))
+        except StoreError as e:
+            raise StoreError(f"{path}: {e}; refusing to import it") from None
         if backbone and backbone != manifest.get("backbone"):
             raise StoreError(f"{path}: an export of a {manifest.get('backbone')} model, not {backbone}")
         data = _serialize(self._read_safetensors(path))
@@ -400,7 +627,7 @@ class ModelStore:
         source = {"source": str(path.resolve()), "format": fmt, "source_sha256": _sha256(path.read_bytes())}
         return self.save(state, backbone=backbone, config={"in_channels": in_channels, **config},
                          dataset=None, classes=names, metrics={}, parents=[], strategy="import", options=source,
-                         name=name or path.stem)
+                         name=name if name is not None else clean_name(path.stem))
 
 
 def _read_torch_state(path: Path) -> dict[str, torch.Tensor]:
@@ -425,8 +652,10 @@ def _read_torch_state(path: Path) -> dict[str, torch.Tensor]:
 
 def format_lineage(lineage: dict[str, Any]) -> str:
     """The lineage graph as a tree, roots first: ``pretrain -> finetune -> distill ...``; a model
-    with several parents appears under each (expanded once)."""
+    with several parents appears under each (expanded once). Control characters in names and the
+    like are escaped (:func:`printable`); a cycle of parents is a StoreError."""
     nodes, me = lineage["nodes"], lineage["id"]
+    _refuse_cycle(nodes, me)
     children: dict[str, list[str]] = {}
     for i, s in nodes.items():
         for p in s["parents"]:
@@ -446,7 +675,7 @@ def format_lineage(lineage: dict[str, Any]) -> str:
             parts.append("[not in this store]")
         if i == me:
             parts.append("<- this model")
-        return "  ".join(p for p in parts if p)
+        return printable("  ".join(p for p in parts if p))
 
     lines: list[str] = []
     shown: set[str] = set()

@@ -134,7 +134,7 @@ def test_reuse_backbones_shows_the_plugins_backbones_and_the_builtins(runs):
 def test_strict_mode_makes_the_broken_plugin_fatal(runs):
     r = runs["strict"]
     assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr.startswith("reuse: reuse-core plugin 'broken_")
+    assert r.stderr.startswith("reuse: error: reuse-core plugin 'broken_")
     assert "(fatal because REUSE_CORE_STRICT_PLUGINS=1)" in r.stderr
 
 

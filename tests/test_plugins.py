@@ -5,6 +5,8 @@ tests/test_plugin_install.py does the same through real pip installs and entry p
 """
 from __future__ import annotations
 
+import json
+import sys
 import textwrap
 import warnings
 
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from reuse_core import hookimpl, plugins
+from reuse_core.cli import main
 from reuse_core.plugins import BUILTIN_PLUGINS, PluginError, PluginHookError, ReusePluginManager
 from reuse_core.registry import UnknownNameError
 
@@ -65,6 +68,45 @@ BROKEN_MODULES = {
 }
 
 
+# Plugins that misbehave beyond raising an Exception: they exit, print or take their time.
+MISBEHAVING_MODULES = {
+    "exits_on_import": """
+        '''Calls sys.exit on import.'''
+        import sys
+        sys.exit(7)
+    """,
+    "exits_in_register": """
+        '''Adds a strategy, then calls sys.exit in its register hook.'''
+        import sys
+        from reuse_core import hookimpl
+
+        @hookimpl
+        def reuse_register_strategies(registry):
+            registry.add("exits-half-registered", object())
+            sys.exit(3)
+    """,
+    "prints_while_loading": """
+        '''Prints on import and in its register hook.'''
+        from reuse_core import hookimpl
+
+        print("hello from import")
+
+        @hookimpl
+        def reuse_register_backbones(registry):
+            print("hello from register")
+    """,
+    "slow_register": """
+        '''Sleeps in its register hook.'''
+        import time
+        from reuse_core import hookimpl
+
+        @hookimpl
+        def reuse_register_datasets(registry):
+            time.sleep(1.1)
+    """,
+}
+
+
 def write_modules(folder, modules: dict[str, str]) -> None:
     for name, src in modules.items():
         (folder / f"{name}.py").write_text(textwrap.dedent(src))
@@ -72,11 +114,12 @@ def write_modules(folder, modules: dict[str, str]) -> None:
 
 @pytest.fixture
 def broken_on_path(tmp_path, monkeypatch):
-    write_modules(tmp_path, BROKEN_MODULES)
+    """BROKEN_MODULES and MISBEHAVING_MODULES importable; yields the names of the former."""
+    write_modules(tmp_path, {**BROKEN_MODULES, **MISBEHAVING_MODULES})
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tuple(BROKEN_MODULES)
-    for name in BROKEN_MODULES:
-        monkeypatch.delitem(__import__("sys").modules, name, raising=False)
+    for name in (*BROKEN_MODULES, *MISBEHAVING_MODULES):
+        monkeypatch.delitem(sys.modules, name, raising=False)
 
 
 def test_builtins_load_first_and_cleanly():
@@ -129,11 +172,54 @@ def test_broken_plugins_are_reported_and_the_rest_works(broken_on_path):
     ("broken_taken", "backbone 'seed-cnn' from plugin 'broken_taken' is already registered"),
     ("broken_args", "is invalid and was skipped: Plugin 'broken_args'"),
     ("broken_typo", "implements 'reuse_register_backbone', which is not a reuse-core hook"),
+    ("exits_on_import", "failed to import: SystemExit(7)"),
+    ("exits_in_register", "reuse_register_strategies raised SystemExit(3)"),
 ])
 def test_strict_mode_makes_each_failure_fatal(broken_on_path, module, message):
     with pytest.raises(PluginError, match="fatal because REUSE_CORE_STRICT_PLUGINS=1") as exc:
         ReusePluginManager(autoload=False, strict=True).load(BUILTIN_PLUGINS + (module,))
     assert f"reuse-core plugin '{module}' (reuse-core " in str(exc.value) and message in str(exc.value)
+
+
+def test_a_plugin_calling_sys_exit_is_reported_and_the_rest_works(broken_on_path):
+    with pytest.warns(RuntimeWarning) as record:
+        pm = ReusePluginManager(autoload=False, strict=False).load(
+            BUILTIN_PLUGINS + ("exits_on_import", "exits_in_register", "broken_typo"))
+    errors = {i.name: i.error for i in pm.plugin_infos()}
+    assert errors["exits_on_import"] == "failed to import: SystemExit(7)"
+    assert errors["exits_in_register"] == ("reuse_register_strategies raised SystemExit(3) "
+                                           "(its strategies were not registered)")
+    messages = [str(w.message) for w in record]
+    assert "reuse-core plugin 'exits_on_import' (reuse-core " in messages[0] and messages[0].endswith("SystemExit(7)")
+    assert "exits-half-registered" not in pm.strategies and "pretrain" in pm.strategies
+    assert pm.datasets.entry("typo-digits").plugin == "broken_typo"  # loaded after the exits
+
+
+def test_what_plugins_print_while_loading_goes_to_stderr(broken_on_path, monkeypatch, capsys):
+    monkeypatch.setattr(plugins, "get_plugin_manager",
+                        lambda: ReusePluginManager(autoload=False).load(BUILTIN_PLUGINS + ("prints_while_loading",)))
+    assert main(["backbones", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "resnet18" in {b["name"] for b in json.loads(captured.out)}  # stdout is nothing but the JSON
+    assert "hello from import\nhello from register\n" in captured.err
+
+
+def test_load_times_are_recorded_and_slow_plugins_marked(broken_on_path, monkeypatch, capsys):
+    pm = ReusePluginManager(autoload=False, strict=True).load(BUILTIN_PLUGINS + ("slow_register",))
+    infos = {i.name: i for i in pm.plugin_infos()}
+    assert infos["slow_register"].load_seconds >= 1.1 and infos["slow_register"].slow
+    assert all(0 < infos[b].load_seconds < plugins.SLOW_LOAD_SECONDS and not infos[b].slow for b in BUILTIN_PLUGINS)
+    monkeypatch.setattr(plugins, "get_plugin_manager", lambda: pm)
+    assert main(["plugins"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "DISTRIBUTION", "HOOKS", "LOAD", "STATUS"]
+    load = {ln.split()[0]: ln.split()[4:-1] for ln in lines[1:]}
+    assert load["slow_register"][0].endswith("s") and float(load["slow_register"][0][:-1]) >= 1.1
+    assert load["slow_register"][1:] == ["(slow)"] and load["reuse_core.builtin.backbones"][1:] == []
+    assert main(["plugins", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["slow_register"]["load_seconds"] >= 1.1 and rows["slow_register"]["slow"] is True
+    assert rows["reuse_core.builtin.datasets"]["slow"] is False
 
 
 def test_environment_switches(monkeypatch):

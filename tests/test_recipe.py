@@ -9,6 +9,7 @@ import pytest
 from reuse_core import plugins
 from reuse_core import recipe as recipes
 from reuse_core.recipe import RecipeError
+from reuse_core.run import RunError
 from reuse_core.store import ModelStore
 
 RECIPE = """\
@@ -117,11 +118,13 @@ def test_an_interrupted_recipe_resumes_without_redoing_finished_steps(store, mon
     r = recipes.parse(RECIPE, "tiny.toml")
     with monkeypatch.context() as m:
         m.setattr(plugins, "lifecycle_relay", lambda: _StopFinetune())
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt) as stopped:
             recipes.run(r, store=store, quiet=True)
     assert len(store.list()) == 1  # the teacher
-    with pytest.raises(RecipeError, match="differs from the one"):
+    with pytest.raises(RunError, match="no unfinished 'tiny' run of this recipe with these values"):
         recipes.run(r.override("epochs", 3), store=store, resume=True, quiet=True)
+    with pytest.raises(RecipeError, match="differs from the one"):
+        recipes.run(r.override("epochs", 3), store=store, run_dir=stopped.value.run_dir, resume=True, quiet=True)
     out = recipes.run(r, store=store, resume=True, quiet=True)
     assert [m["lineage"]["strategy"] for m in store.list()] == ["pretrain", "finetune"]
     rows = (out.run_dir / "steps" / "transfer" / "metrics.jsonl").read_text().splitlines()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from reuse_core.registry import Entry, NameTakenError, Registry, UnknownNameError
+from reuse_core.registry import Entry, NameTakenError, Registry, UnknownNameError, plural
 
 
 def filled() -> Registry[int]:
@@ -68,3 +68,9 @@ def test_a_failing_block_leaves_nothing_behind():
 def test_names_must_be_non_empty_strings(name):
     with pytest.raises(ValueError, match="a strategy name must be a non-empty string"):
         Registry("strategy").add(name, object())
+
+
+def test_plural_of_each_kind():
+    assert [plural(k) for k in ("backbone", "strategy", "dataset")] == ["backbones", "strategies", "datasets"]
+    with pytest.raises(UnknownNameError, match=r"\(0 strategies are registered; `reuse strategies` lists them\)"):
+        Registry("strategy").get("x")

@@ -4,11 +4,16 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import struct
+import time
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 
+from reuse_core import store as store_mod
 from reuse_core.store import ModelStore, StoreError, default_root, format_lineage
 
 
@@ -58,7 +63,7 @@ def test_a_state_dict_with_tied_weights_is_stored(store):
 
 
 def test_ids_prefixes_and_names_resolve_or_fail_clearly(store, monkeypatch):
-    ids = iter(["abc123000001", "abc123999999", "fff000000000"])
+    ids = iter(["abc123000001", "abc123999999", "fff000000000", "fff000000001", "fff000000002", "fff000000003"])
     real = secrets.token_hex
     monkeypatch.setattr(secrets, "token_hex", lambda n: next(ids) if n == 6 else real(n))
     a, b = put(store, "pretrain", name="teacher"), put(store, "finetune", name="student")
@@ -67,9 +72,24 @@ def test_ids_prefixes_and_names_resolve_or_fail_clearly(store, monkeypatch):
         store.resolve("nope")
     with pytest.raises(StoreError, match="'abc' is the start of 2 model ids"):
         store.resolve("abc")
-    put(store, "finetune", name="student")
-    with pytest.raises(StoreError, match="2 models are named 'student'"):
-        store.resolve("student")
+
+    # a name given again makes a new version: the name alone is the newest, NAME@N the N-th (1 the oldest)
+    c = put(store, "finetune", name="student")
+    assert store.resolve("student") == c.id == store.resolve("student@2") and store.resolve("student@1") == b.id
+    assert store.manifest("student")["id"] == c.id and store.get("student@1").id == b.id
+    for bad in ("student@3", "student@0", "student@x", "student@"):
+        with pytest.raises(StoreError, match=r"'student' names 2 models, student@1 \(the oldest\) to student@2 \(the newest"):
+            store.resolve(bad)
+    with pytest.raises(StoreError, match="'teacher' names 1 model, teacher@1$"):
+        store.resolve("teacher@2")
+    with pytest.raises(StoreError, match="no model 'nobody@1'"):
+        store.resolve("nobody@1")
+    # a name wins over an ambiguous prefix; an exact id wins over a name; a unique prefix too (as before)
+    abc = store.save(net(), backbone="mlp", config={}, dataset=None, classes=["a"], metrics={}, parents=[],
+                     strategy="x", options={}, name="abc")
+    assert store.resolve("abc") == abc.id and store.resolve("abc@1") == abc.id
+    [named_like_id] = [put(store, "pretrain", name=a.id)]
+    assert store.resolve(a.id) == a.id and store.resolve(f"{a.id}@1") == named_like_id.id
 
 
 @pytest.mark.parametrize("damage", ["flip_byte", "truncate", "manifest_hash", "manifest_garbage", "weights_gone"])
@@ -214,8 +234,9 @@ def test_import_a_torchvision_state_dict_saved_with_torch_save(store, tmp_path):
     with pytest.raises(StoreError, match=r"do not fit backbone 'resnet34' with 10 classes and 3 input channels "
                                          r"\(80 missing: layer1.2.conv1.weight, .*, \.\.\.\)"):
         store.import_(path, backbone="resnet34")
-    with pytest.raises(StoreError, match="need the backbone they belong to"):
+    with pytest.raises(StoreError, match="need the backbone they belong to") as e:
         store.import_(path)
+    assert "`reuse backbones` lists the registered ones" in str(e.value) and "plugins list" not in str(e.value)
     with pytest.raises(StoreError, match="unknown backbone 'resnet19'"):
         store.import_(path, backbone="resnet19")
 
@@ -249,3 +270,172 @@ def test_a_pt_file_holding_code_is_refused_not_run(store, tmp_path):
     with pytest.raises(StoreError, match="unknown format"):
         store.import_(tmp_path / "notes.txt", backbone="resnet18")
     assert store.list() == []
+
+
+# ------------------------------------------------------------------ hostile names, manifests and files
+
+
+def edit(rec, **changes) -> None:
+    """Change a stored manifest on disk, as a person with an editor would (lineage.* keys too)."""
+    path = rec.path / "manifest.json"
+    m = json.loads(path.read_text())
+    for key, value in changes.items():
+        outer, _, inner = key.partition("__")
+        (m[outer] if inner else m)[inner or outer] = value
+    path.write_text(json.dumps(m))
+
+
+def craft_export(src, dst, **changes) -> None:
+    """An export file whose embedded manifest was changed (the weights, and so their sha256, kept)."""
+    with safe_open(str(src), framework="pt") as f:
+        manifest = json.loads(f.metadata()[store_mod.EXPORT_KEY])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    manifest.update(changes)
+    dst.write_bytes(st_save(tensors, metadata={store_mod.EXPORT_KEY: json.dumps(manifest)}))
+
+
+@pytest.mark.parametrize("name", ["../../x", "/abs/x", "a\\b", "..", "", "k1@2", "red\x1b[31mred", "tab\there",
+                                  "x" * 129])
+def test_a_name_that_could_escape_or_confuse_is_refused_on_save(store, name):
+    with pytest.raises(StoreError, match="is not allowed: a model name is 1 to 128 characters") as e:
+        put(store, "pretrain", name=name)
+    assert repr(name[:60]) in str(e.value) and "\x1b" not in str(e.value)
+    assert store.list() == []
+
+
+def test_default_names_are_made_valid(store, tmp_path):
+    rec = store.save(net(), backbone="org/net@2", config={}, dataset=None, classes=["a"], metrics={}, parents=[],
+                     strategy="pre\x1btrain", options={})
+    assert rec.name == "org_net_2-pre_train"
+    path = tmp_path / "we@ird\x1bname.pt"
+    torch.save(net().state_dict(), path)
+    assert store_mod.clean_name(path.stem) == "we_ird_name" and store_mod.clean_name("..") == "model"
+
+
+def test_export_stays_inside_the_folder_whatever_the_name(store, tmp_path):
+    rec = put(store, "pretrain", name="fine")
+    out = tmp_path / "deep" / "er" / "out"
+    out.mkdir(parents=True)
+    for name in ("../../x", str(tmp_path / "abs" / "x"), "..", "a\x1bb"):
+        edit(rec, name=name)  # an edited manifest: its name was never checked
+        written = store.export(rec.id, out)
+        assert written.parent == out and written.name.endswith(f"-{rec.id}.safetensors"), written
+        assert "/" not in written.name and "\x1b" not in written.name
+    assert [p for p in tmp_path.rglob(f"*-{rec.id}.safetensors") if p.parent != out] == []
+    assert len(list(out.iterdir())) == 4
+
+
+def test_an_export_with_a_bad_id_or_name_is_not_imported(store, tmp_path):
+    rec = put(store, "pretrain", name="fine")
+    good = store.export(rec.id, tmp_path / "good.safetensors")
+    other = ModelStore(tmp_path / "other")
+    for key, value in [("id", "../../X"), ("id", "/tmp/X"), ("id", "ABCDEF123456"), ("id", 7),
+                       ("name", "../../x"), ("name", "k1@1"), ("name", "a\x1b[2Jb")]:
+        bad = tmp_path / "bad.safetensors"
+        craft_export(good, bad, **{key: value})
+        with pytest.raises(StoreError, match=str(bad)) as e:
+            other.import_(bad)
+        assert ("not a store id" if key == "id" and isinstance(value, str) else
+                "wrong type" if key == "id" else "is not allowed") in str(e.value)
+    assert not (tmp_path / "X").exists() and not (tmp_path / "other" / "X").exists()
+    assert other.list() == [] and not other.root.exists()
+    assert other.import_(good).id == rec.id  # the file it was crafted from is fine
+
+
+def test_one_bad_manifest_breaks_only_its_own_entry(store, monkeypatch):
+    root = put(store, "pretrain", name="root")
+    child = put(store, "finetune", parents=[root.id], name="child")
+    deep, huge, typed = (put(store, "distill", parents=[child.id], name=n, seed=i) for i, n in enumerate("dht"))
+    (deep.path / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    (huge.path / "manifest.json").write_text(json.dumps({**huge.manifest, "pad": "x" * 300_000}))
+    monkeypatch.setattr(store_mod, "MANIFEST_MAX_BYTES", 250_000)  # not to write the real limit's 8 MB
+    edit(typed, created=5, lineage="not a dict")  # a number would break sorting every manifest
+    listed = {m["id"]: m for m in store.list()}
+    assert [listed[i]["name"] for i in (root.id, child.id)] == ["root", "child"]
+    assert "nested too deeply" in listed[deep.id]["error"] and deep.id in listed[deep.id]["error"]
+    assert "over 250000 bytes" in listed[huge.id]["error"]
+    assert "lineage, created have the wrong type" in listed[typed.id]["error"]
+    assert store.resolve("child") == child.id and store.resolve("child@1") == child.id
+    lin = store.lineage("root")
+    assert lin["descendants"] == [child.id]  # the broken ones are left out, not fatal
+    for broken in (deep, huge, typed):
+        with pytest.raises(StoreError, match=broken.id):
+            store.lineage(broken.id)
+        with pytest.raises(StoreError, match=broken.id):
+            store.load(broken.id)
+    assert store.rm(deep.id) == {"id": deep.id}  # a broken entry can still be removed
+    # a manifest nested deep, but not deep enough for a RecursionError, is refused before anything recurses
+    edit(child, config=json.loads("[" * 200 + "]" * 200))
+    assert "nested more than 64 deep" in {m["id"]: m for m in store.list()}[child.id]["error"]
+
+
+def test_a_lineage_cycle_is_reported_not_hidden(store):
+    # names that are no hex digits: "a" could be the start of an id, which resolves first
+    x, y = put(store, "pretrain", name="x"), put(store, "finetune", name="y")
+    z = put(store, "distill", parents=[y.id], name="z")
+    edit(x, lineage__parents=[y.id])
+    edit(y, lineage__parents=[x.id])
+    for ref in ("x", "y", "z"):
+        with pytest.raises(StoreError, match="has a cycle") as e:
+            store.lineage(ref)
+        assert f"{x.id} (x)" in str(e.value) and f"{y.id} (y)" in str(e.value)
+    edit(x, lineage__parents=[x.id])
+    edit(y, lineage__parents=[])
+    with pytest.raises(StoreError, match=rf"cycle, each model a parent of the next: {x.id} \(x\) -> {x.id} \(x\)"):
+        store.lineage("x")
+    lin = store.lineage("z")
+    assert lin["ancestors"] == [y.id]
+    lin["nodes"][y.id]["parents"] = [z.id]  # format_lineage checks what it is given too
+    with pytest.raises(StoreError, match="has a cycle"):
+        format_lineage(lin)
+
+
+def test_format_lineage_escapes_control_characters(store):
+    root = put(store, "pretrain", name="root")
+    child = put(store, "finetune", parents=[root.id], name="child")
+    edit(root, name="evil\x1b[2J\x1b]0;title\x07", dataset="d\nfake line", lineage__strategy="\u202eevil")
+    text = format_lineage(store.lineage(child.id))
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text and len(text.splitlines()) == 2
+    assert "evil\\x1b[2J\\x1b]0;title\\x07" in text and "d\\x0afake line" in text and "\\u202eevil" in text
+
+
+def test_a_killed_saves_leftovers_are_removed_by_the_next_write(store):
+    put(store, "pretrain")
+    stale, fresh, trash = (store.models / n for n in (".tmp-0123456789ab-dead", ".tmp-0123456789ab-live",
+                                                      ".rm-0123456789ab-dead"))
+    for folder in (stale, fresh, trash):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    old = time.time() - 24 * 3600  # a day without a change: no save is that slow
+    for path in (stale / "model.safetensors", stale, trash / "model.safetensors", trash):
+        os.utime(path, (old, old))
+    put(store, "pretrain", seed=1)
+    assert not stale.exists() and not trash.exists()
+    assert fresh.is_dir(), "a folder a save may be writing right now is kept"
+    assert len(store.list()) == 2
+
+
+def test_weights_with_a_broken_header_are_a_clean_error(store, tmp_path):
+    rec = put(store, "pretrain", name="w")
+    for blob in (struct.pack("<Q", 1 << 40) + b"{}", struct.pack("<Q", 4) + b"{{{{", b"abc"):
+        rec.weights_path.write_bytes(blob)
+        edit(rec, weights={"file": "model.safetensors", "sha256": store_mod._sha256(blob), "bytes": len(blob)})
+        for action in (lambda: store.export(rec.id, tmp_path), lambda: store.load(rec.id)):
+            with pytest.raises(StoreError, match=f"model {rec.id}: its weights .* is not a valid safetensors file"):
+                action()
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_truncated_or_garbage_files_are_not_imported(store, tmp_path):
+    rec = put(store, "pretrain", name="t")
+    good = store.export(rec.id, tmp_path / "good.safetensors").read_bytes()
+    torch.save(net().state_dict(), tmp_path / "good.pt")
+    other = ModelStore(tmp_path / "other")
+    for name, data in [("cut.safetensors", good[:-7]), ("half.safetensors", good[: len(good) // 2]),
+                       ("tiny.safetensors", good[:5]), ("empty.safetensors", b""),
+                       ("noise.safetensors", os.urandom(300)), ("cut.pt", (tmp_path / "good.pt").read_bytes()[:-9]),
+                       ("noise.pth", os.urandom(300))]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(StoreError, match=str(tmp_path / name)):
+            other.import_(tmp_path / name, backbone=None if name.endswith(".safetensors") else "mlp")
+    assert other.list() == []

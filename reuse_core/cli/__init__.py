@@ -11,11 +11,11 @@ import sys
 from collections.abc import Callable, Sequence
 
 from reuse_core import __version__
-from reuse_core.cli import bench, demo, doctor, listing, models, run
+from reuse_core.cli import bench, demo, doctor, listing, models, output, recipes, run
 
 Verb = tuple[str, str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
-VERB_MODULES = (bench, doctor, models, listing, run, demo)
+VERB_MODULES = (bench, doctor, models, listing, recipes, run, demo)
 
 
 def all_verbs() -> list[Verb]:
@@ -51,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # one line, no traceback (REUSE_CORE_DEBUG=1 keeps it)
+        if output.debug():
+            raise
+        return output.fail(*output.describe(e))
 
 
 if __name__ == "__main__":

@@ -63,13 +63,13 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        return fail("reuse bench", "--device cuda, but torch sees no CUDA device here")
+        return fail("--device cuda, but torch sees no CUDA device here")
     if args.repeats is not None and args.repeats < 1:
-        return fail("reuse bench", "--repeats must be >= 1")
+        return fail("--repeats must be >= 1")
     if args.ops:
         unknown = [o for o in args.ops if o not in bench.BENCHES]
         if unknown:
-            return fail("reuse bench", f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(bench.BENCHES)}")
+            return fail(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(bench.BENCHES)}")
     contenders = [c for c in bench.CONTENDERS if not (args.no_compile and c == "compile")]
     t0 = time.perf_counter()
 

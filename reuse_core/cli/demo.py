@@ -37,7 +37,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from reuse_core import demo
 
     if args.seeds < 1 or args.epochs_scale <= 0:
-        return fail("reuse demo", "--seeds must be >= 1 and --epochs-scale > 0")
+        return fail("--seeds must be >= 1 and --epochs-scale > 0")
     report = demo.run(seeds=args.seeds, epochs_scale=args.epochs_scale, out=args.out, store=args.store,
                       device=args.device, quiet=args.quiet)
     print(report.table)

@@ -11,10 +11,14 @@ from reuse_core.cli.output import fail, table
 
 PLUGINS_EPILOG = """\
 Lists every plugin: the built-in ones (reuse-core) first, then those found through the entry-point
-group "reuse_core", with the hooks each implements. A plugin that failed to import, broke a hook's
-contract or took a name already registered shows its error; the rest still load. Set
-REUSE_CORE_STRICT_PLUGINS=1 to make such failures fatal (exit status 1), or
-REUSE_CORE_DISABLE_PLUGIN_AUTOLOAD=1 to load the built-ins only.
+group "reuse_core", with the hooks each implements and how long it took to load. A plugin that
+failed to import (or called sys.exit), broke a hook's contract or took a name already registered
+shows its error; the rest still load. Set REUSE_CORE_STRICT_PLUGINS=1 to make such failures fatal
+(exit status 1), or REUSE_CORE_DISABLE_PLUGIN_AUTOLOAD=1 to load the built-ins only.
+
+LOAD is the time a plugin's import and register hooks took (load_seconds in --json), which every
+reuse command waits for; "(slow)" marks a plugin over 1 s (slow in --json). What plugins print
+while they load goes to stderr.
 
 examples:
   reuse plugins
@@ -66,7 +70,7 @@ def _load_manager():
         try:
             pm = plugins.get_plugin_manager()
         except plugins.PluginError as e:
-            fail("reuse", str(e))
+            fail(str(e), 1)
             return None
     for w in caught:
         print(f"reuse: warning: {w.message}", file=sys.stderr)
@@ -98,6 +102,10 @@ def _min_input(row: dict) -> str:
     return "-" if not size else (f"={size}" if row.get("fixed_input_size") else str(size))
 
 
+def _load_time(row: dict) -> str:
+    return f"{row['load_seconds']:.2f}s" + (" (slow)" if row["slow"] else "")
+
+
 def _or_dash(key: str) -> Callable[[dict], str]:
     return lambda r: "-" if r.get(key) is None else str(r[key])
 
@@ -108,6 +116,7 @@ VERBS = [
         _lister("plugins", [
             ("NAME", lambda r: r["name"]), ("DISTRIBUTION", lambda r: f"{r['distribution']} {r['version']}"),
             ("HOOKS", lambda r: ", ".join(h.removeprefix("reuse_") for h in r["hooks"]) or "-"),
+            ("LOAD", _load_time),
             ("STATUS", lambda r: f"ERROR: {r['error']}" if r["error"] else "ok"),
         ]),
     ),

@@ -7,13 +7,16 @@ import json
 from reuse_core.cli.output import fail, table
 
 MODELS_EPILOG = """\
-A model is named by its id, a unique prefix of it, or its name (`reuse models list` shows them).
+A model is named by its id, a unique prefix of it, or its name. Several models may share a name:
+the name alone means the newest of them, NAME@N the N-th (1 the oldest; `reuse models list`
+shows each model's NAME@N).
 The store is --store PATH, else $REUSE_CORE_STORE, else ~/.cache/reuse-core/store
 ($XDG_CACHE_HOME/reuse-core/store where that is set).
 
 examples:
   reuse models list
   reuse models show 3fa2                        one model's manifest, its weights checked
+  reuse models show teacher@1                   the first model named teacher
   reuse models lineage 3fa2                     pretrained -> fine-tuned -> distilled ...
   reuse models export 3fa2 teacher.safetensors  one file, with the manifest inside
   reuse models import teacher.safetensors       into another store: same id, same lineage
@@ -49,13 +52,15 @@ def _add_models(p: argparse.ArgumentParser) -> None:
     a = action("import", "add a store export, or external weights for a registered backbone",
                "print the new model's manifest as JSON")
     a.add_argument("path", metavar="PATH", help="a store export, or weights: .safetensors, .pt/.pth/.bin state_dict")
-    a.add_argument("--backbone", metavar="NAME", help="the backbone external weights belong to (`reuse plugins list`)")
+    a.add_argument("--backbone", metavar="NAME",
+                   help="the backbone external weights belong to (`reuse backbones` lists them)")
     a.add_argument("--classes", metavar="N|A,B,...", help="external weights: the number of classes or their names, "
                    "comma-separated (default: the size of the head)")
     a.add_argument("--config", metavar="KEY=VALUE", action="append", default=[],
                    help="external weights: a backbone build option, e.g. in_channels=1 (repeatable; values are JSON "
                    "where they parse as JSON)")
-    a.add_argument("--name", help="a name for the model (default: the file's name)")
+    a.add_argument("--name", help="a name for the model (default: the file's name); no '/', '\\', '@' or "
+                   "control characters")
     action("rm", "remove a model from the store").add_argument("model", metavar="ID")
 
 
@@ -86,12 +91,14 @@ def _metric(m: dict) -> str:
     return ""
 
 
-def _show(m: dict) -> str:
+def _show(m: dict, version: str | None) -> str:
+    from reuse_core.store import printable
+
     lin = m["lineage"]
     w = m["weights"]
     lines = [
         f"id        {m['id']}",
-        f"name      {m.get('name')}",
+        f"name      {m.get('name')}" + (f"  ({version})" if version else ""),
         f"backbone  {m['backbone']}  {json.dumps(m.get('config') or {})}",
         f"dataset   {m.get('dataset') or '-'}",
         f"classes   {len(m['classes'])}: {', '.join(m['classes'][:12])}{' ...' if len(m['classes']) > 12 else ''}",
@@ -99,16 +106,16 @@ def _show(m: dict) -> str:
         f"created   {m.get('created')}",
         f"strategy  {lin.get('strategy') or '-'}  {json.dumps(lin.get('options') or {})}",
         f"parents   {', '.join(lin.get('parents') or []) or '- (a root)'}",
-        f"weights   {w['file']}, {w['bytes']} bytes, sha256 {w['sha256']} (checked: ok)",
+        f"weights   {w.get('file')}, {w.get('bytes')} bytes, sha256 {w.get('sha256')} (checked: ok)",
     ]
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from reuse_core.store import ModelStore, StoreError, format_lineage
+    from reuse_core.store import ModelStore, StoreError, format_lineage, printable, version_labels
 
     if not args.models_command:
-        return fail("reuse models", "say what to do: list, show, lineage, export, import or rm (see reuse models --help)")
+        return fail("models: say what to do: list, show, lineage, export, import or rm (see reuse models --help)")
     store = ModelStore(args.store)
     cmd = args.models_command
     try:
@@ -119,37 +126,38 @@ def _run_models(args: argparse.Namespace) -> int:
             elif not models:
                 print(f"no models in {store.root}")
             else:
-                rows = [["ID", "NAME", "BACKBONE", "STRATEGY", "DATASET", "CLASSES", "METRIC", "CREATED"]]
+                versions = version_labels(models)
+                rows = [["ID", "NAME", "VERSION", "BACKBONE", "STRATEGY", "DATASET", "CLASSES", "METRIC", "CREATED"]]
                 for m in models:
                     if "error" in m:
-                        rows.append([m["id"], "BROKEN: " + m["error"], "", "", "", "", "", ""])
+                        rows.append([m["id"], "BROKEN", "-", "", "", "", "", "", m["error"]])
                         continue
-                    rows.append([m["id"], str(m.get("name")), m["backbone"], m["lineage"].get("strategy") or "-",
-                                 m.get("dataset") or "-", str(len(m["classes"])), _metric(m),
-                                 (m.get("created") or "")[:19].replace("T", " ")])
-                print(table(rows))
+                    rows.append([m["id"], str(m.get("name")), versions.get(m["id"], "-"), m["backbone"],
+                                 m["lineage"].get("strategy") or "-", m.get("dataset") or "-",
+                                 str(len(m["classes"])), _metric(m), (m.get("created") or "")[:19].replace("T", " ")])
+                print(table([[printable(c) for c in row] for row in rows]))
         elif cmd == "show":
             m = store.verify(args.model)
-            print(json.dumps(m, indent=2) if args.json else _show(m))
+            print(json.dumps(m, indent=2) if args.json else _show(m, version_labels(store.list()).get(m["id"])))
         elif cmd == "lineage":
             lin = store.lineage(args.model)
             print(json.dumps(lin, indent=2) if args.json else format_lineage(lin))
         elif cmd == "export":
-            print(f"exported {store.resolve(args.model)} to {store.export(args.model, args.path)}")
+            print(printable(f"exported {store.resolve(args.model)} to {store.export(args.model, args.path)}"))
         elif cmd == "import":
             rec = store.import_(args.path, backbone=args.backbone, config=_config(args.config),
                                 classes=_classes(args.classes), name=args.name)
             print(json.dumps(rec.manifest, indent=2) if args.json else
-                  f"imported {rec.id} ({rec.name}, {rec.manifest['backbone']}) into {store.root}")
+                  printable(f"imported {rec.id} ({rec.name}, {rec.manifest['backbone']}) into {store.root}"))
         elif cmd == "rm":
             m = store.rm(args.model)
             orphans = [m2["id"] for m2 in store.list() if m["id"] in m2.get("lineage", {}).get("parents", [])]
-            print(f"removed {m['id']} ({m.get('name')})")
+            print(printable(f"removed {m['id']} ({m.get('name')})"))
             if orphans:
                 print(f"note: {len(orphans)} model(s) descend from it and keep its summary in their lineage: "
                       f"{', '.join(orphans)}")
     except (StoreError, ValueError) as e:
-        return fail(f"reuse models {cmd}", str(e), 1)
+        return fail(printable(f"models {cmd}: {e}"), 1)
     return 0
 
 

@@ -7,12 +7,15 @@ and Python, so a bad option gets the same message everywhere (exit status 2).
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 
 from reuse_core.cli.output import fail
 
 RUN_EPILOG = """\
-TARGET is a registered strategy (pretrain, finetune, distill, and those plugins add) or a recipe
-file (*.toml: named steps, later steps use earlier steps' models by name; see recipes/).
+TARGET is a registered strategy (pretrain, finetune, distill, and those plugins add), a recipe
+file (*.toml: named steps, later steps use earlier steps' models by name), or the name of a recipe
+shipped with reuse-core (`reuse recipes` lists them; they run from any folder).
 Options after the strategy come from its schema: `reuse run STRATEGY --help` lists them with their
 type, default and help. Every run writes a run directory (default ./runs/<name>-<timestamp>, printed
 at the end) and saves its models to the store (`reuse models list`).
@@ -23,9 +26,11 @@ examples:
   reuse run pretrain --backbone small-cnn --classes 0-4 --epochs 5 --name digits-0-4
   reuse run finetune --model digits-0-4 --classes 5-9 --label-budget 10 --mode partial
   reuse run distill --teacher digits-0-4 --student-backbone mlp --student-backbone-config 'hidden=[64]'
-  reuse run recipes/digits-transfer.toml          every step of a recipe
-  reuse run recipes/digits-transfer.toml --set seed=3 --set epochs=2
-  reuse run recipes/digits-transfer.toml --resume continue the newest unfinished run of that recipe
+  reuse run digits-transfer                       every step of a shipped recipe
+  reuse run my-recipe.toml --set seed=3 --set epochs=2
+  reuse run digits-transfer --resume              continue the newest unfinished run of that recipe
+
+Ctrl-C stops a run and prints the command that continues it.
 """
 
 COMMON_FLAGS = ("store", "run_dir", "device", "resume", "quiet")
@@ -69,9 +74,10 @@ def _help_text(o) -> str:
 def strategy_parser(name: str, strategy, defaults: argparse.Namespace) -> argparse.ArgumentParser:
     """``reuse run NAME``'s parser: the common flags plus one flag per option of the schema. The
     flags keep the raw strings; the schema converts and checks them."""
+    examples = strategy.examples or (" ".join([f"reuse run {name}", *(f"{o.flag} {o.name.upper()}" for o in
+                                                                        strategy.options if o.required)]),)
     p = argparse.ArgumentParser(prog=f"reuse run {name}", description=strategy.description,
-                                epilog=f"example:\n  reuse run {name} " + " ".join(
-                                    f"{o.flag} ..." for o in strategy.options if o.required),
+                                epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # --epoch must be refused as in recipes, not read as --epochs
     _add_common(p, defaults=defaults)
@@ -105,23 +111,37 @@ def _unknown_options(extra: list[str]) -> tuple[dict, list[str]]:
     return raw, stray
 
 
-def _fail(message: str) -> int:
-    return fail("reuse run", message)
-
-
 def _print_result(name: str, result, quiet: bool) -> None:
+    """The scalar metrics (every metric is in the run directory's result.json), the saved models once
+    each, and the run directory."""
     if not quiet:
         for k, v in result.metrics.items():
-            print(f"  {k:<20} {v:.4f}" if isinstance(v, float) else f"  {k:<20} {v}")
+            if isinstance(v, (bool, int, float, str)) or v is None:
+                print(f"  {k:<28} {v:.4g}" if isinstance(v, float) else f"  {k:<28} {v}")
     for m in result.models:
         print(f"{name}: model {m}")
-    print(f"run directory: {result.run_dir}")
+    print(f"run directory: {result.run_dir} (every metric: result.json there)")
 
 
-def _run_recipe(path: str, rest: list[str], args: argparse.Namespace) -> int:
+def _continue_command(target: str, run_dir, ns: argparse.Namespace, sets: list[str] = ()) -> str:
+    parts = ["reuse", "run", target, "--resume", "--run-dir", str(run_dir)]
+    parts += ["--store", ns.store] if ns.store else []
+    parts += ["--device", ns.device] if ns.device else []
+    for item in sets:
+        parts += ["--set", item]
+    return shlex.join(parts)
+
+
+def _interrupted(command: str) -> int:
+    print(f"reuse: interrupted; continue with: {command}", file=sys.stderr)
+    return 130
+
+
+def _run_recipe(path: str, rest: list[str], args: argparse.Namespace, target: str) -> int:
     from reuse_core import recipe
+    from reuse_core.run import RunInterrupted
 
-    p = argparse.ArgumentParser(prog=f"reuse run {path}", allow_abbrev=False)
+    p = argparse.ArgumentParser(prog=f"reuse run {target}", allow_abbrev=False)
     _add_common(p, defaults=args)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="give KEY=VALUE to every step whose strategy has the option KEY (repeatable)")
@@ -130,9 +150,12 @@ def _run_recipe(path: str, rest: list[str], args: argparse.Namespace) -> int:
     for item in ns.set:
         key, sep, value = item.partition("=")
         if not sep:
-            return _fail(f"--set wants KEY=VALUE, got {item!r}")
+            return fail(f"--set wants KEY=VALUE, got {item!r}")
         r = r.override(key, value)
-    out = recipe.run(r, store=ns.store, run_dir=ns.run_dir, device=ns.device, resume=ns.resume, quiet=ns.quiet)
+    try:
+        out = recipe.run(r, store=ns.store, run_dir=ns.run_dir, device=ns.device, resume=ns.resume, quiet=ns.quiet)
+    except RunInterrupted as e:
+        return _interrupted(_continue_command(target, e.run_dir, ns, ns.set))
     for step, res in out.steps.items():
         acc = res.metrics.get("test_accuracy")
         print(f"{step:<16} " + (f"test accuracy {acc:.4f}  " if isinstance(acc, float) else "") +
@@ -142,37 +165,32 @@ def _run_recipe(path: str, rest: list[str], args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from reuse_core import plugins, run
+    from reuse_core import plugins, recipe, run
     from reuse_core.engine.distributed import is_main_process
-    from reuse_core.recipe import RecipeError
-    from reuse_core.registry import UnknownNameError
-    from reuse_core.store import StoreError
-    from reuse_core.strategy import OptionError
 
     registry = plugins.strategies()
     if args.target is None:
-        print("strategies (reuse run STRATEGY --help for the options):")
+        print("strategies (reuse run STRATEGY --help for the options; `reuse recipes` lists the shipped recipes):")
         for e in registry.describe():
             print(f"  {e['name']:<20} {e['description']}  [{e['plugin']}]")
         return 2
+    path = recipe.find(args.target, strategies=registry)
+    if path is not None:
+        return _run_recipe(str(path), args.rest, args, args.target)
+    strategy = registry.get(args.target)
+    ns, extra = strategy_parser(args.target, strategy, args).parse_known_args(args.rest)
+    raw, stray = _unknown_options(extra)
+    if stray:
+        return fail(f"unexpected argument(s) {' '.join(stray)} (options are --name value)")
+    raw.update({k[4:]: v for k, v in vars(ns).items() if k.startswith("opt_")})
     try:
-        if args.target.endswith(".toml") or Path(args.target).is_file():
-            return _run_recipe(args.target, args.rest, args)
-        strategy = registry.get(args.target)
-        ns, extra = strategy_parser(args.target, strategy, args).parse_known_args(args.rest)
-        raw, stray = _unknown_options(extra)
-        if stray:
-            return _fail(f"unexpected argument(s) {' '.join(stray)} (options are --name value)")
-        raw.update({k[4:]: v for k, v in vars(ns).items() if k.startswith("opt_")})
         result = run.run(args.target, store=ns.store, run_dir=ns.run_dir, device=ns.device, resume=ns.resume,
-                         quiet=ns.quiet, **raw)
-        if is_main_process():  # under torchrun, one report
-            _print_result(args.target, result, ns.quiet)
-        return 0
-    except (OptionError, RecipeError, run.RunError, StoreError, UnknownNameError) as e:
-        return _fail(str(e))
+                         quiet=ns.quiet, flags=True, **raw)
+    except run.RunInterrupted as e:
+        return _interrupted(_continue_command(args.target, e.run_dir, ns))
+    if is_main_process():  # under torchrun, one report
+        _print_result(args.target, result, ns.quiet)
+    return 0
 
 
 VERBS = [("run", "run a reuse strategy (pretrain, finetune, distill, ...) or a recipe of steps", RUN_EPILOG, _add_run,

@@ -28,6 +28,10 @@ def stratified_split(labels: np.ndarray, seed: int, fractions: Sequence[float]) 
     return [np.sort(np.concatenate(p)) for p in parts]
 
 
+class ClassesError(ValueError):
+    """A class subset that the dataset does not have (out of range, repeated, or empty)."""
+
+
 def select_classes(labels: np.ndarray, names: Sequence[str], classes: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(kept indices, their remapped labels, the kept class names) for a class subset given as
     original labels; labels become 0..n-1 in the order ``classes`` lists them."""
@@ -35,8 +39,11 @@ def select_classes(labels: np.ndarray, names: Sequence[str], classes: Sequence[i
         return np.arange(len(labels)), np.asarray(labels), list(names)
     classes = [int(c) for c in classes]
     bad = [c for c in classes if not 0 <= c < len(names)]
-    if bad or len(set(classes)) != len(classes) or not classes:
-        raise ValueError(f"classes must be distinct labels between 0 and {len(names) - 1}, got {classes}")
+    if bad:
+        shown = ", ".join(map(str, bad[:8])) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise ClassesError(f"the dataset has classes 0-{len(names) - 1}; there is no class {shown}")
+    if len(set(classes)) != len(classes) or not classes:
+        raise ClassesError(f"classes must be distinct and at least one, got {classes}")
     remap = np.full(len(names), -1)
     remap[classes] = np.arange(len(classes))
     kept = np.flatnonzero(remap[labels] >= 0)

@@ -56,7 +56,16 @@ CIFAR100 = Layout(
 
 
 class CifarFormatError(ValueError):
-    """A file in the CIFAR folder is not in the documented layout (or is a tampered pickle)."""
+    """A file in the CIFAR folder is not in the documented layout (or is a tampered pickle, or one
+    whose sizes or labels are out of range)."""
+
+
+def _detail(e: BaseException) -> str:
+    return str(e) or type(e).__name__  # a MemoryError has no message
+
+
+def _bad_label(path: Path, label: object, num_classes: int) -> CifarFormatError:
+    return CifarFormatError(f"{path}: label {label} is outside [0, {num_classes}) ({num_classes} class names)")
 
 
 # ---- finding the folder ----------------------------------------------------------------------
@@ -85,14 +94,21 @@ def find(layout: Layout, root: str | os.PathLike | None) -> tuple[str, Path]:
 
 # ---- the binary format -----------------------------------------------------------------------
 
-def read_bin(path: Path, label_bytes: int, label_index: int) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (N, 3, 32, 32), labels) from one binary batch file."""
-    raw = np.fromfile(path, dtype=np.uint8)
+def read_bin(path: Path, label_bytes: int, label_index: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, 3, 32, 32), labels) from one binary batch file; a label outside
+    [0, num_classes) is refused."""
     record = label_bytes + PIXELS
-    if raw.size == 0 or raw.size % record:
-        raise CifarFormatError(f"{path} is not a CIFAR binary batch: {raw.size} bytes is not a multiple of the {record}-byte record")
-    rows = raw.reshape(-1, record)
-    return rows[:, label_bytes:].reshape(-1, 3, 32, 32), rows[:, label_index].astype(np.int64)
+    size = path.stat().st_size  # checked before reading: a file of the wrong length is never loaded
+    if size == 0 or size % record:
+        raise CifarFormatError(f"{path} is not a CIFAR binary batch: {size} bytes is not a multiple of the {record}-byte record")
+    try:
+        rows = np.fromfile(path, dtype=np.uint8).reshape(-1, record)
+    except (MemoryError, ValueError) as e:  # too big to hold, or changed while read
+        raise CifarFormatError(f"{path} is not a CIFAR binary batch: {_detail(e)}") from None
+    labels = rows[:, label_index].astype(np.int64)
+    if labels.max() >= num_classes:
+        raise _bad_label(path, labels.max(), num_classes)
+    return rows[:, label_bytes:].reshape(-1, 3, 32, 32), labels
 
 
 def read_names(path: Path) -> list[str]:
@@ -128,20 +144,24 @@ def read_pickle(path: Path) -> dict[str, object]:
     """A CIFAR python-format file as a dict with str keys, without running any code it names."""
     try:
         obj = _RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-        raise CifarFormatError(f"{path} is not a CIFAR python-format file: {e}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, OverflowError, MemoryError) as e:
+        # OverflowError, MemoryError: a crafted file whose strings or arrays claim absurd sizes
+        raise CifarFormatError(f"{path} is not a CIFAR python-format file: {_detail(e)}") from None
     if not isinstance(obj, dict):
         raise CifarFormatError(f"{path} is not a CIFAR python-format file: it holds a {type(obj).__name__}, not a dict")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-def _py_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+def _py_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     d = read_pickle(path)
     images, labels = d.get("data"), d.get(label_key)
     if not (isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 2 and images.shape[1] == PIXELS):
         raise CifarFormatError(f"{path}: 'data' must be a uint8 array of shape (N, {PIXELS})")
     if not (isinstance(labels, list) and len(labels) == len(images) and all(type(y) is int for y in labels)):
         raise CifarFormatError(f"{path}: {label_key!r} must be a list of {len(images)} ints")
+    bad = next((y for y in labels if not 0 <= y < num_classes), None)  # before int64 could overflow
+    if bad is not None:
+        raise _bad_label(path, bad, num_classes)
     return images.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
 
 
@@ -156,27 +176,26 @@ def _py_names(path: Path, key: str) -> list[str]:
 
 @functools.lru_cache(maxsize=4)
 def read(layout: Layout, fmt: str, folder: Path, part: str, label_mode: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(images, labels, class names) of the official "train" or "test" part."""
+    """(images, labels, class names) of the official "train" or "test" part. Every label must be
+    in [0, number of class names)."""
     if fmt == "bin":
         files = layout.bin_train if part == "train" else (layout.bin_test,)
         if layout is CIFAR10:
-            batches = [read_bin(folder / f, 1, 0) for f in files]
             names = read_names(folder / "batches.meta.txt")
+            batches = [read_bin(folder / f, 1, 0, len(names)) for f in files]
         else:
-            batches = [read_bin(folder / f, 2, 0 if label_mode == "coarse" else 1) for f in files]
             names = read_names(folder / f"{label_mode}_label_names.txt")
+            batches = [read_bin(folder / f, 2, 0 if label_mode == "coarse" else 1, len(names)) for f in files]
     else:
         files = layout.py_train if part == "train" else (layout.py_test,)
         if layout is CIFAR10:
-            batches = [_py_batch(folder / f, "labels") for f in files]
             names = _py_names(folder / layout.py_meta, "label_names")
+            batches = [_py_batch(folder / f, "labels", len(names)) for f in files]
         else:
-            batches = [_py_batch(folder / f, f"{label_mode}_labels") for f in files]
             names = _py_names(folder / layout.py_meta, f"{label_mode}_label_names")
+            batches = [_py_batch(folder / f, f"{label_mode}_labels", len(names)) for f in files]
     images = np.concatenate([b[0] for b in batches])
     labels = np.concatenate([b[1] for b in batches])
-    if labels.size and labels.max() >= len(names):
-        raise CifarFormatError(f"{folder}: label {labels.max()} but only {len(names)} class names")
     return images, labels, names
 
 

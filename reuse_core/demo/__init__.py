@@ -22,7 +22,7 @@ from reuse_core import recipe as recipes
 from reuse_core.demo.sections import SECTIONS, Goals, Section
 from reuse_core.run import default_store, new_run_dir
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"  # shipped in the package; ./recipes links here
+RECIPES = recipes.SHIPPED_DIR
 
 
 @dataclasses.dataclass

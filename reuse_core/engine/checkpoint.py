@@ -18,5 +18,16 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         torch.save(state, f)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read back: truncated, tampered with, or not a checkpoint."""
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # unpickling errors, truncated zip archives, refused globals ...
+        why = (str(e).splitlines() or [""])[0]
+        raise CheckpointError(f"{path} cannot be read back ({type(e).__name__}: {why}): it is damaged or was "
+                              "changed; remove it to start this run over") from None

@@ -63,7 +63,13 @@ def setup(device: torch.device) -> DistContext:
 
 def default_device(device: str | torch.device | None) -> torch.device:
     """The device asked for, else this process's GPU (LOCAL_RANK under torchrun) or the CPU."""
-    dev = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r} is not a device torch knows (cpu, cuda, cuda:1, ...): {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: torch sees no CUDA device here (torch.cuda.is_available() is False); "
+                         "use --device cpu, or leave --device out")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return dev

@@ -22,12 +22,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from reuse_core import data, engine, plugins
 from reuse_core.backbone import build as build_backbone
+from reuse_core.data.base import ClassesError
 from reuse_core.engine import evaluate
 from reuse_core.strategy.options import TRAIN_KEYS, parse_classes, parse_config
 from reuse_core.strategy.schema import OptionError, StrategyResult
 
 __all__ = [
-    "FeatureTaps", "Subset", "budget_indices", "build_model", "class_indices", "evaluate", "finish", "fit",
+    "FeatureTaps", "Subset", "adapt_inputs", "budget_indices", "describe_adapter", "build_model", "class_indices", "evaluate", "finish", "fit",
     "load_dataset", "load_splits", "load_stored", "load_teacher", "pair_blocks", "spatial_blocks", "teacher_logits",
     "train_config",
 ]
@@ -79,7 +80,10 @@ def load_dataset(name: str, options: dict, *, split: str, classes: list[int] | N
             raise OptionError(f"option 'dataset_config': dataset {name!r} has no setting {', '.join(map(repr, bad))} "
                               f"(its settings: {', '.join(known) or 'none'})")
     kw = {"root": options["data_root"]} if options.get("data_root") else {}
-    return data.load(name, split=split, seed=options["seed"], classes=classes, **kw, **config)
+    try:
+        return data.load(name, split=split, seed=options["seed"], classes=classes, **kw, **config)
+    except ClassesError as e:
+        raise OptionError(f"option 'classes': dataset {name!r}: {e}") from None
 
 
 def load_splits(options: dict, *, dataset: str | None = None,
@@ -107,10 +111,18 @@ def build_model(options: dict, data: Dataset, prefix: str = "") -> tuple[nn.Modu
     """(a fresh ``{prefix}backbone`` for ``data``'s classes and channels, the config to store with it);
     the initial weights follow the options' seed."""
     name = options[f"{prefix}backbone"]
-    config = {"in_channels": data.in_channels, **parse_config(options[f"{prefix}backbone_config"])}
+    given = parse_config(options[f"{prefix}backbone_config"])
+    params = inspect.signature(plugins.backbones().get(name)).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        settings = [p for p in params if p not in ("num_classes", "in_channels")]
+        bad = [k for k in given if k not in settings]
+        if bad:
+            raise OptionError(f"option '{prefix}backbone_config': backbone {name!r} has no setting "
+                              f"{', '.join(map(repr, bad))} (its settings: {', '.join(settings) or 'none'})")
+    config = {"in_channels": data.in_channels, **given}
     # Backbones sized for their input (seed-cnn, mlp) take it from the data unless the config says.
     height, width = data.input_size
-    if height == width and "input_size" in inspect.signature(plugins.backbones().get(name)).parameters:
+    if height == width and "input_size" in params:
         config.setdefault("input_size", height)
     torch.manual_seed(options["seed"])
     return build_backbone(name, len(data.classes), **config), config
@@ -135,7 +147,7 @@ def fit(ctx, model: nn.Module, train: Dataset, val: Dataset | None, options: dic
 def finish(ctx, model: nn.Module, *, fitted: engine.FitResult, test: Dataset, backbone: str, config: dict,
            dataset: str, classes: list, parents: list[str], options: dict) -> StrategyResult:
     """Evaluate ``model`` on the test split, save it through ``ctx.save`` (named by the options'
-    ``name``), log it, and return the run's result: test and validation accuracy and loss, epochs,
+    ``name``), and return the run's result: test and validation accuracy and loss, epochs,
     training examples, and the saved model's ID."""
     test_metrics = evaluate(model, test, ctx.device)
     metrics = {
@@ -145,9 +157,44 @@ def finish(ctx, model: nn.Module, *, fitted: engine.FitResult, test: Dataset, ba
     }
     model_id = ctx.save(model, backbone=backbone, config=config, dataset=dataset, classes=classes, metrics=metrics,
                         parents=parents, options=options, name=options.get("name"))
-    if model_id is not None:
-        ctx.log(f"{ctx.strategy}: saved model {model_id} (test accuracy {metrics['test_accuracy']:.4f})")
     return StrategyResult(metrics=metrics, models=[model_id] if model_id else [])
+
+
+def adapt_inputs(manifest: dict, data: Dataset) -> dict | None:
+    """How inputs of ``data`` must be adapted for the stored model of ``manifest`` (an
+    :class:`~reuse_core.backbone.InputAdapter` config), or None when they fit: the channels the
+    model was built for (grey repeated, colour averaged to grey) and its input size (exactly the
+    size it was built for, or up to its backbone's minimum). Raises OptionError when the channels
+    cannot be matched."""
+    config = manifest["config"]
+    want_c = int(config.get("in_channels", 3))
+    have_c = data.in_channels
+    if have_c != want_c and 1 not in (have_c, want_c):
+        raise OptionError(f"model {manifest['id']} takes {want_c}-channel images and the data has {have_c} channels; "
+                          "only grey <-> colour can be adapted")
+    meta = plugins.backbones().entry(manifest["backbone"]).meta if manifest["backbone"] in plugins.backbones() else {}
+    h, w = data.input_size
+    exact = config.get("input_size", config.get("image_size", 224 if meta.get("fixed_input_size") else None))
+    if exact is not None:
+        size = (int(exact), int(exact))
+    else:
+        low = meta.get("min_input_size") or 1
+        size = (max(h, low), max(w, low))
+    if have_c == want_c and size == (h, w):
+        return None
+    return {"channels": want_c, "size": list(size)}
+
+
+def describe_adapter(adapter: dict, data: Dataset) -> str:
+    """``adapt_inputs``'s result in words, for the run's log."""
+    h, w = data.input_size
+    c = adapter["channels"]
+    steps = []
+    if c != data.in_channels:
+        steps.append(f"grey images repeated to {c} channels" if data.in_channels == 1 else "colour images averaged to grey")
+    if tuple(adapter["size"]) != (h, w):
+        steps.append(f"{h}x{w} images resized to {adapter['size'][0]}x{adapter['size'][1]} (bilinear)")
+    return "; ".join(steps)
 
 
 def load_teacher(ctx, options: dict) -> tuple[nn.Module, str, str, list[int]]:

@@ -22,9 +22,12 @@ def parse_classes(values: list[str] | None) -> list[int] | None:
     for v in values:
         lo, sep, hi = v.partition("-")
         try:
-            out.extend(range(int(lo), int(hi) + 1) if sep else [int(v)])
+            first, last = (int(lo), int(hi)) if sep else (int(v), int(v))
         except ValueError:
             raise ValueError(f"expected class indices or ranges like 0-4, got {v!r}") from None
+        if last < first:
+            raise ValueError(f"the range {v!r} is reversed (write {last}-{first})")
+        out.extend(range(first, last + 1))
     if len(set(out)) != len(out):
         raise ValueError(f"a class is listed twice in {values}")
     if not out:
@@ -34,7 +37,8 @@ def parse_classes(values: list[str] | None) -> list[int] | None:
 
 def parse_config(values: list[str] | None) -> dict:
     """``["width=16", "hidden=[64, 32]", "norm=batch"]`` -> ``{"width": 16, "hidden": [64, 32], "norm": "batch"}``:
-    a value is read as JSON where it parses (numbers, true/false, lists), else kept as a string."""
+    a value is read as JSON where it parses (numbers, true/false, lists), else kept as a string; a value
+    that starts like a JSON list, object or string but does not parse is refused."""
     out: dict = {}
     for item in values or []:
         key, sep, raw = item.partition("=")
@@ -42,7 +46,9 @@ def parse_config(values: list[str] | None) -> dict:
             raise ValueError(f"expected KEY=VALUE, got {item!r}")
         try:
             out[key] = json.loads(raw)
-        except ValueError:
+        except ValueError as e:
+            if raw.lstrip()[:1] in ('[', '{', '"'):
+                raise ValueError(f"the value of {key} is not valid JSON ({e.msg} at character {e.pos}): {raw!r}") from None
             out[key] = raw
     return out
 

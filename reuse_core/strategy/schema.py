@@ -129,13 +129,15 @@ class Strategy:
 
     ``run(context, options) -> StrategyResult`` receives the resolved options (every key of the schema
     present, converted and checked) and a run context (store, hook relay, run directory, device, ...;
-    see :mod:`reuse_core.run`).
+    see :class:`reuse_core.strategy.RunContext`). ``examples``: command lines that work, shown by
+    ``reuse run NAME --help`` (without them it shows the required options).
     """
 
     name: str
     description: str
     options: tuple[Option, ...]
     run: Callable[[Any, dict], StrategyResult]
+    examples: tuple[str, ...] = ()
 
     def __post_init__(self):
         names = [o.name for o in self.options]
@@ -149,26 +151,30 @@ class Strategy:
                 return o
         raise KeyError(name)
 
-    def resolve(self, given: Mapping[str, Any], *, where: str | None = None) -> dict:
+    def resolve(self, given: Mapping[str, Any], *, where: str | None = None, flags: bool = False) -> dict:
         """Every option of the schema, from ``given`` (raw values) or the default; raises OptionError.
 
-        ``where`` says where the values came from (``recipe step 'teacher'``), for the message.
+        ``where`` says where the values came from (``recipe step 'teacher'``), for the message;
+        ``flags=True`` names the options as command-line flags (``--label-budget``) in it.
         """
         place = where or f"strategy {self.name!r}"
+        show = (lambda n: "--" + n.replace("_", "-")) if flags else repr
+        hint = (lambda n: "--" + n.replace("_", "-")) if flags else str
         known = {o.name: o for o in self.options}
         errors = []
         for key in given:
             norm = key.replace("-", "_")
             if norm not in known:
                 close = difflib.get_close_matches(norm, known, n=3)
-                hint = f"; did you mean {', '.join(close)}?" if close else f"; known options: {', '.join(known)}"
-                errors.append(f"unknown option {key!r}{hint}")
+                more = f"; did you mean {', '.join(map(hint, close))}?" if close else \
+                    f"; known options: {', '.join(map(hint, known))}"
+                errors.append(f"unknown option {show(norm) if flags else repr(key)}{more}")
         values = {k.replace("-", "_"): v for k, v in given.items()}
         out = {}
         for o in self.options:
             if o.name not in values:
                 if o.required:
-                    errors.append(f"option {o.name!r} is required ({o.help})" if o.help else f"option {o.name!r} is required")
+                    errors.append(f"option {show(o.name)} is required" + (f" ({o.help})" if o.help else ""))
                 else:
                     out[o.name] = o.default
                 continue
@@ -180,7 +186,7 @@ class Strategy:
                 if msg:
                     raise ValueError(msg)
             except ValueError as e:
-                errors.append(f"option {o.name!r}: {e}")
+                errors.append(f"option {show(o.name)}: {e}")
                 continue
             out[o.name] = v
         if errors:

@@ -170,3 +170,71 @@ def test_a_truncated_binary_batch_is_refused(tmp_path):
     (folder / "test_batch.bin").write_bytes(b"\x00" * 3000)
     with pytest.raises(CifarFormatError, match="test_batch.bin is not a CIFAR binary batch: 3000 bytes is not a multiple of the 3073-byte record"):
         data.load("cifar10", split="test", root=str(tmp_path))
+
+
+@pytest.mark.parametrize("label", [-1, 10, 2**70])
+def test_a_python_batch_with_a_label_out_of_range_is_refused(tmp_path, label):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_c10_py(folder, c10_batches())
+    dump(folder / "test_batch", {b"labels": [3, label], b"data": np.zeros((2, 3072), np.uint8)})
+    with pytest.raises(CifarFormatError, match=rf"test_batch: label {label} is outside \[0, 10\) \(10 class names\)"):
+        data.load("cifar10", split="test", root=str(folder), classes=[8, 9])
+
+
+@pytest.mark.parametrize("fmt", ["cifar-100-binary", "cifar-100-python"])
+def test_a_cifar100_label_beyond_the_coarse_names_is_refused(tmp_path, fmt):
+    parts = c100_parts()
+    x, fine, coarse = parts["test"]
+    parts["test"] = (x, fine, [20, *coarse[1:]])  # 20 superclasses: 20 is one too many
+    write_c100(tmp_path, parts)
+    name = "test.bin" if fmt == "cifar-100-binary" else "test"
+    with pytest.raises(CifarFormatError, match=rf"{fmt}/{name}: label 20 is outside \[0, 20\)"):
+        data.load("cifar100", split="test", root=str(tmp_path / fmt), label_mode="coarse")
+    assert len(data.load("cifar100", split="test", root=str(tmp_path / fmt))) == 100  # the fine labels are fine
+
+
+class ClaimedArray:
+    """Pickles as a uint8 numpy array that claims ``shape`` but carries ``data``."""
+
+    def __init__(self, shape, data=b""):
+        self.shape, self.data = shape, data
+
+    def __reduce__(self):
+        return np.empty(0).__reduce__()[0], (np.ndarray, (0,), b"b"), (1, self.shape, np.dtype(np.uint8), False, self.data)
+
+
+@pytest.mark.parametrize("raw, error", [
+    (pickle.dumps({b"labels": [0], b"data": ClaimedArray((2**62, 2**62))}, protocol=2), "MemoryError"),
+    (b"\x80\x04\x8e" + (2**63 - 1).to_bytes(8, "little"), "byte string is too large"),  # BINBYTES8 of 8 EiB
+])
+def test_a_pickle_claiming_absurd_sizes_is_refused(tmp_path, raw, error):
+    folder = tmp_path / "cifar-10-batches-py"
+    write_c10_py(folder, c10_batches())
+    (folder / "test_batch").write_bytes(raw)
+    with pytest.raises(CifarFormatError, match=f"test_batch is not a CIFAR python-format file: {error}"):
+        data.load("cifar10", split="test", root=str(folder))
+
+
+def test_a_huge_binary_batch_is_refused_without_reading_it(tmp_path, monkeypatch):
+    folder = tmp_path / "cifar-10-batches-bin"
+    write_c10_bin(folder, c10_batches())
+    with open(folder / "test_batch.bin", "r+b") as f:
+        f.truncate(2**40 + 1)  # sparse: 1 TiB claimed, nothing written; not a multiple of the record
+    with pytest.raises(CifarFormatError, match=f"{2**40 + 1} bytes is not a multiple of the 3073-byte record"):
+        data.load("cifar10", split="test", root=str(tmp_path))
+
+    def no_memory(*args, **kwargs):  # a batch of the right length, too big to hold
+        raise MemoryError("Unable to allocate 1.00 TiB")
+
+    (folder / "test_batch.bin").write_bytes(bytes(3073))
+    monkeypatch.setattr(np, "fromfile", no_memory)
+    with pytest.raises(CifarFormatError, match="test_batch.bin is not a CIFAR binary batch: Unable to allocate 1.00 TiB"):
+        data.load("cifar10", split="test", root=str(tmp_path))
+
+
+def test_a_binary_label_beyond_the_names_is_refused(tmp_path):
+    batches = c10_batches()
+    batches[5][1][4] = 200
+    write_c10_bin(tmp_path / "cifar-10-batches-bin", batches)
+    with pytest.raises(CifarFormatError, match=r"test_batch.bin: label 200 is outside \[0, 10\)"):
+        data.load("cifar10", split="test", root=str(tmp_path))

@@ -49,8 +49,8 @@ def test_class_subsets_remap_labels_in_the_order_given():
 
 @pytest.mark.parametrize("kw, message", [
     ({"split": "validation"}, "split must be one of train, val, test, got 'validation'"),
-    ({"classes": [3, 3]}, r"classes must be distinct labels between 0 and 9, got \[3, 3\]"),
-    ({"classes": [10]}, r"classes must be distinct labels between 0 and 9, got \[10\]"),
+    ({"classes": [3, 3]}, r"classes must be distinct and at least one, got \[3, 3\]"),
+    ({"classes": [10]}, r"the dataset has classes 0-9; there is no class 10$"),
 ])
 def test_bad_arguments(kw, message):
     with pytest.raises(ValueError, match=message):

@@ -122,4 +122,5 @@ CASCADE = Strategy(
         Option("seed", int, 0, "seed of the data split (use the models' own)"),
     ),
     run=run,
+    examples=("reuse run cascade --models digits-student digits-0-4 --accuracy-target 0.99",),
 )

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from reuse_core.engine.checkpoint import save_checkpoint
+from reuse_core.engine.checkpoint import load_checkpoint, save_checkpoint
 from reuse_core.nn import DistillationLoss
 from reuse_core.strategy import (
     NAME_OPTION, TEACHER_OPTION, Option, Strategy, StrategyResult, backbone_options, data_options, non_negative,
@@ -64,7 +64,7 @@ def _cached_logits(ctx, teacher: Teacher, data: Dataset, key: dict) -> torch.Ten
     """Compute once per run: a resumed run reads them back from the run directory."""
     path = ctx.run_dir / CACHE_FILE
     if path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = load_checkpoint(path)
         if saved["key"] == key:
             return saved["logits"]
     logits = teacher_logits(teacher, data, ctx.device)
@@ -142,4 +142,6 @@ DISTILL = Strategy(
         NAME_OPTION,
     ),
     run=run,
+    examples=("reuse run distill --teacher digits-0-4 --student-backbone mlp "
+              "--student-backbone-config 'hidden=[64]'",),
 )

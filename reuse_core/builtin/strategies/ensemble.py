@@ -131,7 +131,7 @@ def run(ctx, options: dict) -> StrategyResult:
         return StrategyResult(metrics=metrics)
     for k, (spec, acc) in enumerate(zip(specs, member_test)):
         ctx.log(f"ensemble: member {k} ({spec['id']}) test accuracy {acc:.4f}")
-    ctx.log(f"ensemble: saved model {model_id} (test accuracy {metrics['test_accuracy']:.4f}, best member "
+    ctx.log(f"ensemble: test accuracy {metrics['test_accuracy']:.4f} (best member "
             f"{metrics['best_member_test_accuracy']:.4f})")
     return StrategyResult(metrics=metrics, models=[s["id"] for s in specs if fitted is not None] + [model_id])
 
@@ -154,4 +154,6 @@ ENSEMBLE = Strategy(
         NAME_OPTION,
     ),
     run=run,
+    examples=("reuse run ensemble --backbone small-cnn --num-members 4 --epochs 5",
+              "reuse run ensemble --members digits-0-4 digits-0-4-b --weighting learned"),
 )

@@ -7,9 +7,9 @@ import torch
 
 from reuse_core import backbone
 from reuse_core.strategy import (
-    NAME_OPTION, Option, Strategy, StrategyResult, data_options, fraction, non_negative, train_options,
+    NAME_OPTION, Option, OptionError, Strategy, StrategyResult, data_options, fraction, non_negative, train_options,
 )
-from reuse_core.strategy.blocks import finish, fit, load_splits
+from reuse_core.strategy.blocks import adapt_inputs, describe_adapter, finish, fit, load_splits
 
 MODES = ("full", "linear", "partial")
 
@@ -30,7 +30,16 @@ def run(ctx, options: dict) -> StrategyResult:
     source_id = ctx.model_id(options["model"])
     model, manifest = ctx.load_model(source_id)
     dataset = options["dataset"] or manifest["dataset"]
+    if dataset is None:
+        raise OptionError(f"option 'dataset': model {source_id} has no recorded dataset (it was imported); "
+                          "say which dataset to fine-tune on")
     train, val, test = load_splits(options, dataset=dataset)
+    config = dict(manifest["config"])
+    adapter = adapt_inputs(manifest, train)
+    if adapter is not None:  # images of another form than the model was built for
+        model.register_forward_pre_hook(backbone.InputAdapter(**adapter), prepend=True)
+        config["input_adapter"] = adapter
+        ctx.log(f"finetune: adapted the inputs to the model: {describe_adapter(adapter, train)}")
     torch.manual_seed(options["seed"])  # the new head's initial weights follow the seed
     head = backbone.replace_head(model, len(train.classes))
     if options["mode"] != "full":
@@ -40,7 +49,7 @@ def run(ctx, options: dict) -> StrategyResult:
     reused = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     groups = [(reused, options["reused_lr_scale"])] if reused else None
     fitted = fit(ctx, model, train, val, options, param_groups=groups)
-    return finish(ctx, model, fitted=fitted, test=test, backbone=manifest["backbone"], config=manifest["config"],
+    return finish(ctx, model, fitted=fitted, test=test, backbone=manifest["backbone"], config=config,
                   dataset=dataset, classes=train.classes, parents=[source_id], options=options)
 
 
@@ -59,4 +68,5 @@ FINETUNE = Strategy(
         NAME_OPTION,
     ),
     run=run,
+    examples=("reuse run finetune --model digits-0-4 --classes 5-9 --label-budget 10 --mode partial",),
 )

@@ -20,4 +20,5 @@ PRETRAIN = Strategy(
     description="train a backbone from scratch on a dataset (or some of its classes) and save it to the store",
     options=(*backbone_options(), *data_options(), *train_options(), NAME_OPTION),
     run=run,
+    examples=("reuse run pretrain --backbone small-cnn --classes 0-4 --epochs 5 --name digits-0-4",),
 )

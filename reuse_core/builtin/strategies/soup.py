@@ -50,7 +50,7 @@ def run(ctx, options: dict) -> StrategyResult:
                         classes=first["classes"], metrics=metrics, parents=chosen, options=options, name=options["name"])
     if model_id is None:  # not the main process of a torchrun job: it saved nothing
         return StrategyResult(metrics=metrics)
-    ctx.log(f"soup: saved model {model_id} from {len(chosen)} of {len(ids)} models (test accuracy "
+    ctx.log(f"soup: {len(chosen)} of {len(ids)} models averaged (test accuracy "
             f"{metrics['test_accuracy']:.4f}, best ingredient {metrics['best_ingredient_test_accuracy']:.4f})")
     return StrategyResult(metrics=metrics, models=[model_id])
 
@@ -69,4 +69,5 @@ SOUP = Strategy(
         NAME_OPTION,
     ),
     run=run,
+    examples=("reuse run soup --models ft-a ft-b ft-c --method greedy",),
 )

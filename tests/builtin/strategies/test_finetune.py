@@ -55,3 +55,24 @@ def test_an_unknown_model_is_a_clear_error(store):
         reuse_run.run("finetune", store=store, quiet=True, model="nope")
     with pytest.raises(OptionError, match="option 'mode': expected one of full, linear, partial"):
         reuse_run.run("finetune", store=store, quiet=True, model="x", mode="half")
+
+
+def test_an_imported_model_fine_tunes_on_images_of_another_form(store, tmp_path, capsys):
+    """An ImageNet-shaped model imported from a .pth (3 channels, at least 21x21) fine-tunes on 8x8
+    grey digits: the run says how it adapted the inputs, the manifest records it, and the model
+    loads back with the adaptation (here as a distillation teacher on the same digits)."""
+    from torchvision.models import squeezenet1_1
+
+    torch.save(squeezenet1_1(num_classes=1000).state_dict(), tmp_path / "sq.pth")
+    imported = store.import_(tmp_path / "sq.pth", backbone="squeezenet1_1", classes=1000, name="imagenet-sq")
+    with pytest.raises(OptionError, match=f"option 'dataset': model {imported.id} has no recorded dataset"):
+        reuse_run.run("finetune", store=store, quiet=True, model="imagenet-sq", classes=["0-4"], epochs=1)
+    tuned = reuse_run.run("finetune", store=store, model="imagenet-sq", dataset="digits", classes=["0-4"],
+                          label_budget=3, epochs=1, lr=0.01)
+    assert "grey images repeated to 3 channels; 8x8 images resized to 21x21 (bilinear)" in capsys.readouterr().out
+    manifest = store.manifest(tuned.model)
+    assert manifest["config"]["input_adapter"] == {"channels": 3, "size": [21, 21]}
+    assert manifest["lineage"]["parents"] == [imported.id]
+    student = reuse_run.run("distill", store=store, quiet=True, teacher=tuned.model, student_backbone="mlp",
+                            label_budget=3, epochs=1)
+    assert store.manifest(student.model)["lineage"]["parents"] == [tuned.model]

@@ -79,16 +79,25 @@ def test_an_interrupted_run_resumes_where_it_stopped(store, tmp_path, monkeypatc
     assert all(torch.equal(a[k], b[k]) for k in a), "a resumed run must end with the uninterrupted run's weights"
 
 
-def test_resume_finds_the_newest_unfinished_run_and_refuses_other_options(store, monkeypatch):
+def test_resume_finds_the_newest_unfinished_run_and_refuses_other_options(store, monkeypatch, tmp_path):
     with monkeypatch.context() as m:
         m.setattr(plugins, "lifecycle_relay", lambda: _StopAfterEpoch(1))
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt) as stopped:
             reuse_run.run("pretrain", store=store, quiet=True, **TINY)
-    with pytest.raises(OptionError, match="other values of epochs"):
+    # newer unfinished runs that are not this one: other options (failed before its first epoch), another strategy
+    with pytest.raises(OptionError, match="dataset 'digits' has no setting 'size'"):
+        reuse_run.run("pretrain", store=store, quiet=True, **{**TINY, "dataset_config": ["size=3"]})
+    other = Path("runs") / "pretrain-99999999-000000"
+    other.mkdir()
+    (other / "run.json").write_text(json.dumps({"strategy": "finetune", "options": {}}))
+    with pytest.raises(RunError, match="no unfinished 'pretrain' run of this strategy with these options"):
         reuse_run.run("pretrain", store=store, resume=True, quiet=True, epochs=5)
-    assert reuse_run.run("pretrain", store=store, resume=True, quiet=True).metrics["epochs"] == 2
+    with pytest.raises(OptionError, match="other values of epochs"):
+        reuse_run.run("pretrain", store=store, run_dir=stopped.value.run_dir, resume=True, quiet=True, epochs=5)
+    resumed = reuse_run.run("pretrain", store=store, resume=True, quiet=True)
+    assert resumed.run_dir == str(stopped.value.run_dir) and resumed.metrics["epochs"] == 2
     with pytest.raises(RunError, match="nothing to resume"):
-        reuse_run.run("pretrain", store=store, resume=True, quiet=True)
+        reuse_run.run("pretrain", store=store, resume=True, quiet=True, **TINY)
 
 
 def test_a_run_directory_holds_one_run(store, tmp_path):
