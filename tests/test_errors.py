@@ -35,6 +35,10 @@ CASES = [
     ([*MLP, "--resume"], 1, "nothing to resume: no unfinished 'pretrain' run of this strategy with these options"),
     (["models", "show", "no-such-model"], 1, "no model 'no-such-model'"),
     (["bench", "--ops", "no_such_op"], 2, "unknown op(s) no_such_op"),
+    (["bench", "--repeats", "x"], 2, "reuse bench: argument --repeats: invalid int value: 'x'"),
+    ([*MLP, "--epochs"], 2, "reuse run pretrain: argument --epochs: expected one argument"),
+    (["models", "show"], 2, "reuse models show: the following arguments are required: ID"),
+    (["no-such-verb"], 2, "invalid choice: 'no-such-verb'"),
 ]
 
 

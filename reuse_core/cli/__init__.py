@@ -23,7 +23,7 @@ def all_verbs() -> list[Verb]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = output.Parser(
         prog="reuse",
         description="reuse-core: reuse trained models and move knowledge between them "
         "(fused distillation, ensemble-averaging and attention kernels for PyTorch).",

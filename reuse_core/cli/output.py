@@ -7,6 +7,7 @@ or file and what was expected; the exit status is 2 for bad usage and 1 for a fa
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -26,6 +27,14 @@ def fail(message: str, status: int = 2) -> int:
         if line.strip():
             print(f"reuse: error: {line.strip()}", file=sys.stderr)
     return status
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one ``reuse: error:`` line too (status 2); the
+    parsers it makes for sub-commands are of this class as well."""
+
+    def error(self, message: str):
+        self.exit(2, f"reuse: error: {self.prog}: {message} (`{self.prog} --help` lists the options)\n")
 
 
 def warn(message: str) -> None:

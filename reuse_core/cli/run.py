@@ -10,7 +10,7 @@ import argparse
 import shlex
 import sys
 
-from reuse_core.cli.output import fail
+from reuse_core.cli.output import Parser, fail
 
 RUN_EPILOG = """\
 TARGET is a registered strategy (pretrain, finetune, distill, and those plugins add), a recipe
@@ -76,7 +76,7 @@ def strategy_parser(name: str, strategy, defaults: argparse.Namespace) -> argpar
     flags keep the raw strings; the schema converts and checks them."""
     examples = strategy.examples or (" ".join([f"reuse run {name}", *(f"{o.flag} {o.name.upper()}" for o in
                                                                         strategy.options if o.required)]),)
-    p = argparse.ArgumentParser(prog=f"reuse run {name}", description=strategy.description,
+    p = Parser(prog=f"reuse run {name}", description=strategy.description,
                                 epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # --epoch must be refused as in recipes, not read as --epochs
@@ -141,7 +141,7 @@ def _run_recipe(path: str, rest: list[str], args: argparse.Namespace, target: st
     from reuse_core import recipe
     from reuse_core.run import RunInterrupted
 
-    p = argparse.ArgumentParser(prog=f"reuse run {target}", allow_abbrev=False)
+    p = Parser(prog=f"reuse run {target}", allow_abbrev=False)
     _add_common(p, defaults=args)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="give KEY=VALUE to every step whose strategy has the option KEY (repeatable)")
