@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -20,24 +21,41 @@ def same_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) ->
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; put them on one device")
 
 
+def number(name: str, value) -> float:
+    """``value`` as a float; a real number only (a string such as '4', a bool or a complex is refused)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
 def positive_finite(name: str, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    v = number(name, value)
     if not math.isfinite(v) or v <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return v
 
 
 def finite_nonneg(name: str, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    v = number(name, value)
     if not math.isfinite(v) or v < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return v
+
+
+def int64(name: str, value) -> int:
+    """``value`` as an int that fits the kernels' int64 (a bool or a float is refused)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    v = int(value)
+    if not -(2**63) <= v < 2**63:
+        raise ValueError(f"{name} must be an integer in [-2**63, 2**63) (int64), got {v}")
+    return v
+
+
+def integer_labels(name: str, labels) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex \
+            or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
 
 
 def choice(name: str, value, options) -> None:

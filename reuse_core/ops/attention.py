@@ -51,10 +51,7 @@ def _check(q, k, v, key_padding_mask, scale) -> float:
         _validate.same_device("key_padding_mask", key_padding_mask, "q", q)
     if scale is None:
         return 1.0 / math.sqrt(D)
-    try:
-        s = float(scale)
-    except (TypeError, ValueError):
-        raise TypeError(f"scale must be a number, got {type(scale).__name__}") from None
+    s = _validate.number("scale", scale)
     if not math.isfinite(s):
         raise ValueError(f"scale must be finite, got {scale}")
     return s

@@ -53,9 +53,9 @@ def distill_kl_loss(
     kd = _validate.finite_nonneg("kd_weight", kd_weight)
     ce = _validate.finite_nonneg("ce_weight", ce_weight)
     _validate.choice("reduction", reduction, tuple(_REDUCTIONS))
+    ignore_index = _validate.int64("ignore_index", ignore_index)
     if labels is not None:
-        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
+        _validate.integer_labels("labels", labels)
         if labels.shape != student_logits.shape[:-1]:
             raise ValueError(
                 f"labels must have the leading shape of the logits {tuple(student_logits.shape[:-1])}, "
@@ -72,7 +72,7 @@ def distill_kl_loss(
         )
     grad_on = torch.is_grad_enabled()
     loss, _, _ = torch.ops.reuse_core.distill_kl(
-        student_logits, teacher_logits, labels, T, kd, ce, int(ignore_index), _REDUCTIONS[reduction],
+        student_logits, teacher_logits, labels, T, kd, ce, ignore_index, _REDUCTIONS[reduction],
         grad_on and student_logits.requires_grad, grad_on and teacher_logits.requires_grad,
     )
     return loss

@@ -355,6 +355,8 @@ def test_bad_dtypes_and_devices(gen):
         attention(q, k, v, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool, device="meta"))
     with pytest.raises(ValueError, match=r"scale must be finite"):
         attention(q, k, v, scale=math.inf)
+    with pytest.raises(TypeError, match=r"scale must be a real number, got str '0.1'"):
+        attention(q, k, v, scale="0.1")
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)

@@ -435,6 +435,22 @@ def test_bad_temperature(temperature, gen):
         distill_kl_loss(s, t, temperature=temperature)
 
 
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"temperature": "4"}, TypeError, "temperature must be a real number, got str '4'"),
+    ({"kd_weight": "0.5"}, TypeError, "kd_weight must be a real number, got str"),
+    ({"temperature": True}, TypeError, "temperature must be a real number, got bool"),
+    ({"temperature": 2 + 0j}, TypeError, "temperature must be a real number, got complex"),
+    ({"ignore_index": 2**63}, ValueError, r"ignore_index must be an integer in \[-2\*\*63, 2\*\*63\) \(int64\)"),
+    ({"ignore_index": -(2**63) - 1}, ValueError, "ignore_index must be an integer in"),
+    ({"ignore_index": 1.5}, TypeError, "ignore_index must be an integer, got float"),
+])
+def test_arguments_of_the_wrong_kind_are_refused(kwargs, error, message, gen):
+    s, t = _st(gen)
+    with pytest.raises(error, match=message):
+        distill_kl_loss(s, t, **kwargs)
+    assert torch.isfinite(distill_kl_loss(s, t, torch.zeros(4, dtype=torch.long), ignore_index=-(2**63)))
+
+
 def test_bad_shapes(gen):
     s, t = _st(gen)
     with pytest.raises(ValueError, match="teacher_logits"):
@@ -453,6 +469,8 @@ def test_bad_labels(gen):
         distill_kl_loss(s, t, torch.zeros(4, 1, dtype=torch.long))
     with pytest.raises(TypeError, match="labels"):
         distill_kl_loss(s, t, torch.zeros(4))
+    with pytest.raises(TypeError, match="labels must be an integer tensor, got torch.complex64"):
+        distill_kl_loss(s, t, torch.zeros(4, dtype=torch.complex64), ce_weight=0.5)
     with pytest.raises(ValueError, match="labels"):
         distill_kl_loss(s, t, ce_weight=0.5)
 
