@@ -20,7 +20,7 @@ class Block(nn.Module):
     def __init__(self):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
-        self.attn = FusedMultiheadAttention(DIM, HEADS)  # batch_first by default
+        self.attn = FusedMultiheadAttention(DIM, HEADS, batch_first=True)  # (B, L, E) inputs
         self.mlp = nn.Sequential(nn.Linear(DIM, 4 * DIM), nn.GELU(), nn.Linear(4 * DIM, DIM))
 
     def forward(self, x, padding):

@@ -15,7 +15,8 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
     ``nn.MultiheadAttention`` (it is a subclass), so weights load in both directions; the
     differences:
 
-    * ``batch_first`` defaults to True and ``need_weights`` to False;
+    * ``need_weights`` defaults to False (True needs the slower path); ``batch_first`` defaults to
+      False, as in the parent, so (L, B, E) inputs mean what they mean there;
     * ``is_causal=True`` alone is enough for a causal mask (top-left: query i sees keys j <= i);
       given together with an ``attn_mask``, the mask is taken to be that causal mask, the hint's
       meaning in PyTorch;
@@ -31,7 +32,7 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
-                 vdim: int | None = None, batch_first: bool = True, device=None, dtype=None) -> None:
+                 vdim: int | None = None, batch_first: bool = False, device=None, dtype=None) -> None:
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
                          add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
                          device=device, dtype=dtype)

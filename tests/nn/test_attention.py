@@ -14,7 +14,7 @@ from ..conftest import assert_all, device_params, dispatched, randn
 def pair(E=32, H=4, device="cpu", **kw):
     """A FusedMultiheadAttention and an nn.MultiheadAttention(batch_first=True) with equal weights."""
     torch.manual_seed(0)
-    fused = FusedMultiheadAttention(E, H, **kw).to(device)
+    fused = FusedMultiheadAttention(E, H, batch_first=True, **kw).to(device)
     ref = nn.MultiheadAttention(E, H, batch_first=True, **kw).to(device)
     ref.load_state_dict(fused.state_dict())
     return fused, ref
@@ -95,7 +95,7 @@ def test_slower_path_weights_and_masks(gen):
     fmask = torch.zeros(2, 9).masked_fill(torch.rand(2, 9, generator=gen) < 0.3, -torch.inf)
     fmask[:, 0] = 0
     close(fused(x, x, x, key_padding_mask=fmask)[0], ref(x, x, x, key_padding_mask=fmask)[0], "float padding mask")
-    drop = FusedMultiheadAttention(32, 4, dropout=0.5)
+    drop = FusedMultiheadAttention(32, 4, dropout=0.5, batch_first=True)
     torch.manual_seed(1)
     a = drop(x, x, x)[0]
     torch.manual_seed(1)
@@ -110,7 +110,8 @@ def test_unbatched_and_sequence_first(gen):
     fused, ref = pair()
     x = randn((7, 32), gen)
     close(fused(x, x, x)[0], ref(x, x, x, need_weights=False)[0], "unbatched")
-    seq_first = FusedMultiheadAttention(32, 4, batch_first=False)
+    seq_first = FusedMultiheadAttention(32, 4)  # the parent's default: (L, B, E)
+    assert seq_first.batch_first is False
     seq_first.load_state_dict(fused.state_dict())
     xs = randn((7, 3, 32), gen)
     with dispatched("attention"):
@@ -136,8 +137,3 @@ def test_compile_fullgraph(gen):
     compiled = torch.compile(lambda t: fused(t, t, t, is_causal=True)[0], fullgraph=True, backend="aot_eager")
     close(compiled(x), fused(x, x, x, is_causal=True)[0], "compiled")
     torch._dynamo.reset()
-
-
-# --------------------------------------------------------------------------------------------
-# the attention backbone
-# --------------------------------------------------------------------------------------------
