@@ -382,3 +382,66 @@ def test_raw_op_checks(gen):
     out, stats = op(q, k, v, None, False, 1.0)
     with pytest.raises(RuntimeError, match="stats must have shape"):
         torch.ops.reuse_core.attention_backward(out, q, k, v, None, out, stats[0], False, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# SDPA's argument names and mask conventions
+# --------------------------------------------------------------------------------------------
+
+def _sdpa_close(a, b):
+    torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+def test_sdpa_calls_port_by_renaming_the_function(gen):
+    q, k, v = make_inputs(gen, 2, 4, 2, 7, 9, 16)
+    sdpa = F.scaled_dot_product_attention
+    keep = torch.rand(2, 9, generator=gen) > 0.3
+    keep[:, 0] = True
+    with dispatched(OP):  # positional as SDPA's (q, k, v, attn_mask, dropout_p, is_causal): in the kernel
+        _sdpa_close(attention(q, k, v, None, 0.0, True, scale=0.3), sdpa(q, k, v, None, 0.0, True, scale=0.3,
+                                                                         enable_gqa=True))
+        _sdpa_close(attention(q, k, v, attn_mask=keep[:, None, None, :]),
+                    sdpa(q, k, v, attn_mask=keep[:, None, None, :], enable_gqa=True))
+        _sdpa_close(attention(q, k, v, keep[:1, None, None, :].expand(1, 1, 1, 9), is_causal=True,
+                              key_padding_mask=~keep),
+                    attention_reference(q, k, v, causal=True, key_padding_mask=~(keep & keep[:1])))
+
+
+@pytest.mark.parametrize("case", ["per-query bool", "float additive", "dropout"])
+def test_masks_the_kernel_does_not_run_go_through_sdpa_with_a_warning(case, gen):
+    q, k, v = make_inputs(gen, 2, 4, 2, 7, 9, 16)
+    sdpa = F.scaled_dot_product_attention
+    kwargs = {
+        "per-query bool": {"attn_mask": torch.rand(2, 1, 7, 9, generator=gen) > 0.3},
+        "float additive": {"attn_mask": randn((7, 9), gen), "scale": 0.3},
+        "dropout": {"dropout_p": 0.5},
+    }[case]
+    if case == "per-query bool":
+        kwargs["attn_mask"][..., 0] = True
+    why = {"per-query bool": r"shape \(2, 1, 7, 9\) is not a key-padding mask",
+           "float additive": "dtype torch.float32", "dropout": "dropout_p=0.5"}[case]
+    torch.manual_seed(0)
+    with pytest.warns(RuntimeWarning, match=why):
+        got = attention(q, k, v, **kwargs)
+    torch.manual_seed(0)
+    _sdpa_close(got, sdpa(q, k, v, **kwargs, enable_gqa=True))
+
+
+def test_a_general_mask_with_padding_and_causal_on_the_sdpa_path(gen):
+    q, k, v = make_inputs(gen, 2, 2, 2, 6, 6, 8)
+    pad = make_mask(gen, 2, 6)
+    pad[:, 0] = False
+    bias = randn((2, 2, 6, 6), gen)
+    with pytest.warns(RuntimeWarning):
+        got = attention(q, k, v, bias, is_causal=True, key_padding_mask=pad)
+    future = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    want = F.scaled_dot_product_attention(q, k, v, bias.masked_fill(pad[:, None, None, :] | future, -torch.inf))
+    _sdpa_close(got, want)
+
+
+def test_bad_sdpa_arguments(gen):
+    q, k, v = _qkv(gen)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\], got 1.5"):
+        attention(q, k, v, dropout_p=1.5)
+    with pytest.raises(TypeError, match="attn_mask must be a tensor"):
+        attention(q, k, v, attn_mask=[[True]])
