@@ -327,13 +327,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> ensemble_average_backward_cuda(
   // The backward reads y in float32: 16-bit members recompute it rather than trust the rounded
   // output (a ~1% error in log_probs mode).
   at::Tensor y;
+  at::Tensor y_lse;  // held until the recompute below has run: a temporary would free its storage at once
   if (S.dtype == at::kFloat) {
     y = out.contiguous();
   } else {
     y = at::empty(S.shape, opts.dtype(at::kFloat));
+    y_lse = at::empty({2, a.K, a.rows}, opts.dtype(at::kFloat));
     EnsArgs f = a;
     f.out = y.data_ptr();
-    f.lse = at::empty({2, a.K, a.rows}, opts.dtype(at::kFloat)).data_ptr<float>();
+    f.lse = y_lse.data_ptr<float>();
     visit_cuda_dtype(S.dtype, "member_logits", [&](auto tag) {
       using X = decltype(tag);
       launch_forward<X, float>(f, S.vec4, stream);

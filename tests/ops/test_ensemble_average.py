@@ -698,3 +698,35 @@ def test_repeated_backward(device, gen):
     g2 = torch.autograd.grad(y, (z, w), g)
     for name, a, b in zip(("grad members", "grad weights"), g2, g1):
         assert_equal(a, b, f"{name}, 2nd backward vs 1st")
+
+
+NO_CACHING_SCRIPT = """
+import torch
+from reuse_core.ops import ensemble_average
+from reuse_core.ops.reference import ensemble_average_reference
+g = torch.Generator(device="cuda").manual_seed(0)
+z = torch.randn(3, 64, 1000, device="cuda", generator=g).bfloat16()
+w = torch.rand(3, device="cuda", generator=g) + 0.5
+for mode in ("probs", "log_probs", "logits"):
+    zk = z.clone().requires_grad_()
+    gz, = torch.autograd.grad(ensemble_average(zk, w, mode=mode).float().sum(), zk)
+    zr = z.double().requires_grad_()
+    rz, = torch.autograd.grad(ensemble_average_reference(zr, w.double(), mode=mode).sum(), zr)
+    torch.cuda.synchronize()
+    err = (gz.double() - rz).abs().max().item()
+    assert err <= 2e-2 * (1 + rz.abs().max().item()), (mode, err)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=CUDA_MARKS)])
+def test_bf16_backward_without_the_caching_allocator(device):
+    """The 16-bit backward recomputes y into buffers it must hold: with PYTORCH_NO_CUDA_MEMORY_CACHING=1
+    a freed temporary is handed back to the driver at once, so writing into it would be caught."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1", "CUDA_LAUNCH_BLOCKING": "1"}
+    r = subprocess.run([sys.executable, "-c", NO_CACHING_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
