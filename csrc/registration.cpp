@@ -2,6 +2,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "common/cpu_alloc.h"
 #include "common/cpu_features.h"
 #include "ops.h"
 
@@ -43,6 +44,8 @@ TORCH_LIBRARY(reuse_core, m) {
       "attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor out, "
       "Tensor stats, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
+  // Gives the CPU output cache's memory back to the system; returns how many bytes it held.
+  m.def("empty_cache() -> int", &empty_cpu_cache);
 }
 
 }  // namespace reuse_core

@@ -35,6 +35,13 @@ def build_info() -> dict:
     return json.loads(torch.ops.reuse_core.build_info())
 
 
+def empty_cache() -> int:
+    """Give back the memory of the CPU kernels' output cache: large outputs come from huge-page
+    blocks that are kept for reuse once their tensors are freed (up to REUSE_CORE_CPU_CACHE_MB).
+    Returns the bytes released; blocks of live tensors are untouched. 0 without the extension."""
+    return int(torch.ops.reuse_core.empty_cache()) if _C is not None else 0
+
+
 def has_kernel(op: str, backend: str) -> bool:
     """True when the compiled `op` has a kernel registered for `backend` ("CPU" or "CUDA")."""
     if _C is None:

@@ -107,3 +107,33 @@ def test_dispatch_helper_catches_a_fallback():
             warnings.warn("reuse_core: distill_kl on CPU falls back to the pure-PyTorch reference", RuntimeWarning)
     with dispatched("distill_kl"):
         distill_kl_loss(s, t)
+
+
+# ---------------------------------------------------------------- the CPU output cache
+
+MIB = 1 << 20
+
+
+def _grad_of(rows: int, cols: int = 1024) -> None:
+    """One distill_kl forward+backward whose student gradient (rows x cols float32) is a large output."""
+    s = torch.randn(rows, cols, requires_grad=True)
+    distill_kl_loss(s, torch.randn(rows, cols)).backward()
+
+
+def test_empty_cache_gives_the_blocks_back():
+    from reuse_core.ops import empty_cache
+
+    empty_cache()
+    _grad_of(1024)  # 4 MiB: two huge pages
+    assert empty_cache() == 4 * MIB
+    assert empty_cache() == 0
+
+
+def test_outputs_of_nearby_sizes_share_a_size_class():
+    """17.2 MB and 19.5 MB gradients (9 and 10 huge pages) share the 10-page class: one block serves both."""
+    from reuse_core.ops import empty_cache
+
+    empty_cache()
+    _grad_of(4400)
+    _grad_of(5000)
+    assert empty_cache() == 20 * MIB
