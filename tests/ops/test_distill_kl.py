@@ -820,3 +820,10 @@ def test_gradient_only_when_required(device, gen):
         if any(flags):
             loss.backward()
             assert (a.grad is not None) == flags[0] and (b.grad is not None) == flags[1], name
+
+
+def test_the_portable_path_holds_on_the_seed_whose_float32_sum_drifted(monkeypatch):
+    """With float32 running sums the portable mutual-learning teacher gradient missed its tolerance
+    on this seed (about 1 seed in 300); the portable path now does its math in float64."""
+    test_matches_reference("cpu-portable", torch.float32, "kd_ce_mutual", "none", "one",
+                           torch.Generator().manual_seed(3487420247), monkeypatch)
