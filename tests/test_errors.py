@@ -22,6 +22,9 @@ CASES = [
     ([*MLP, "--backbone-config", "hiden=[64]"], 2, "option --backbone-config: backbone 'mlp' has no setting 'hiden' "
                                                    "(its settings: input_size, hidden)"),
     ([*MLP, "--backbone-config", "hidden=[64"], 2, "option --backbone-config: the value of hidden is not valid JSON"),
+    ([*MLP, "--backbone-config", "hidden=[-1]"], 2, "option --backbone-config: backbone 'mlp' cannot be built with "
+                                                    "{'hidden': [-1]}: RuntimeError"),
+    ([*MLP, "--name", "../x"], 2, "option --name: the model name '../x' is not allowed"),
     ([*MLP, "--dataset-config", "size=3"], 2, "option --dataset-config: dataset 'digits' has no setting 'size'"),
     ([*MLP, "--backbone", "resnet9000"], 2, "unknown backbone 'resnet9000'"),
     pytest.param([*MLP, "--device", "cuda"], 1, "device 'cuda': torch sees no CUDA device here", marks=NO_GPU),

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from reuse_core import data, engine, plugins
+from reuse_core.backbone import BackboneError
 from reuse_core.backbone import build as build_backbone
 from reuse_core.data.base import ClassesError
 from reuse_core.engine import evaluate
@@ -125,7 +126,13 @@ def build_model(options: dict, data: Dataset, prefix: str = "") -> tuple[nn.Modu
     if height == width and "input_size" in params:
         config.setdefault("input_size", height)
     torch.manual_seed(options["seed"])
-    return build_backbone(name, len(data.classes), **config), config
+    try:
+        return build_backbone(name, len(data.classes), **config), config
+    except BackboneError:  # the backbone breaks its contract: not a matter of the settings
+        raise
+    except (TypeError, ValueError, RuntimeError) as e:  # a setting of the right name but a value it cannot take
+        raise OptionError(f"option '{prefix}backbone_config': backbone {name!r} cannot be built with {given}: "
+                          f"{type(e).__name__}: {e}") from None
 
 
 def train_config(ctx, options: dict, **overrides) -> engine.TrainConfig:

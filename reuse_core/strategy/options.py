@@ -116,4 +116,15 @@ def _block_pairs(values: list[str]) -> str | None:
 
 PAIRS_OPTION = Option("pairs", list, None, "teacher_block:student_block pairs whose features are matched (default: "
                       "the last k spatial blocks of each, in order)", check=_block_pairs)
-NAME_OPTION = Option("name", str, None, "a name for the saved model in the store (default: none; models are found by ID)")
+def _model_name(value: str) -> str | None:
+    from reuse_core.store import StoreError, check_name  # the store's own rule, checked before any training
+
+    try:
+        check_name(value)
+    except StoreError as e:
+        return str(e)
+    return None
+
+
+NAME_OPTION = Option("name", str, None, "a name for the saved model in the store (default: none; models are found by ID)",
+                     check=_model_name)
