@@ -77,6 +77,11 @@ struct ScalarOps {
   static V and_mask(M m, V a) { return m ? a : V(0); }
   static V select(M m, V a, V b) { return m ? a : b; }
   static bool all(M m) { return m; }
+  // Lanes where a or b is NaN; masks combine with or_mask, none() is the empty mask.
+  static M unordered(V a, V b) { return a != a || b != b; }
+  static M or_mask(M a, M b) { return a || b; }
+  static M none() { return false; }
+  static bool any(M m) { return m; }
   static T reduce_add(V v) { return v; }
   static T reduce_max(V v) { return v; }
 };

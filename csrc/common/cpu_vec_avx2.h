@@ -62,6 +62,10 @@ struct Ops {
   static V and_mask(M m, V a) { return _mm256_and_ps(m, a); }
   static V select(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
   static bool all(M m) { return _mm256_movemask_ps(m) == 0xFF; }
+  static M unordered(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_UNORD_Q); }
+  static M or_mask(M a, M b) { return _mm256_or_ps(a, b); }
+  static M none() { return _mm256_setzero_ps(); }
+  static bool any(M m) { return _mm256_movemask_ps(m) != 0; }
 
   // exp(x) to ~2 ulp over the float range; exactly 0 for x < -87.3 (and for -inf), so a
   // masked-out or -inf logit contributes exactly nothing.

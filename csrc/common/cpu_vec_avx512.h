@@ -54,6 +54,10 @@ struct Ops {
   static V and_mask(M m, V a) { return _mm512_maskz_mov_ps(m, a); }
   static V select(M m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
   static bool all(M m) { return m == 0xFFFF; }
+  static M unordered(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q); }
+  static M or_mask(M a, M b) { return M(a | b); }
+  static M none() { return 0; }
+  static bool any(M m) { return m != 0; }
 
   // exp(x) to ~2 ulp; exactly 0 for x < -87.3 and for -inf (as the AVX2 policy).
   static V exp(V x) {

@@ -33,6 +33,7 @@ template <class Ops, class S, class Tt>
 struct DistillKLRows {
   using T = typename Ops::T;
   using V = typename Ops::V;
+  using M = typename Ops::M;
   static constexpr int W = Ops::W;
   static constexpr int64_t kBlock = 1024;  // elements per L1 block in pass 1
 
@@ -74,6 +75,7 @@ struct DistillKLRows {
       T ms = -inf, mt = -inf;
       V sum_s = Ops::set1(0), sum_t = Ops::set1(0), sum_c = Ops::set1(0);
       const V vinvT = Ops::set1(invT);
+      M has_nan = Ops::none();  // a NaN anywhere in s or t: the max below would drop it, depending on its lane
       for (int64_t blk = 0; blk < nblocks; ++blk) {
         const int64_t b0 = blk * kBlock, len = min64(kBlock, n - b0);
         const S* sb = s + b0;
@@ -84,8 +86,10 @@ struct DistillKLRows {
         V vms = Ops::set1(-inf), vmt = Ops::set1(-inf);
         for_chunks<W>(len, [&](int64_t i, auto tail) REUSE_AI {
           using Tl = decltype(tail);
-          vms = Ops::max(vms, vload<Ops, Tl>(sb + i, len - i, -inf));
-          vmt = Ops::max(vmt, vload<Ops, Tl>(tb + i, len - i, -inf));
+          const V vs = vload<Ops, Tl>(sb + i, len - i, -inf), vt = vload<Ops, Tl>(tb + i, len - i, -inf);
+          vms = Ops::max(vms, vs);
+          vmt = Ops::max(vmt, vt);
+          has_nan = Ops::or_mask(has_nan, Ops::unordered(vs, vt));
         });
         const T bms = Ops::reduce_max(vms), bmt = Ops::reduce_max(vmt);
         if (bms > ms) {  // rescale the running sums to the new maximum
@@ -116,6 +120,12 @@ struct DistillKLRows {
             vstore<Ops, Tl>(xc + i, vc, len - i);
           }
         });
+      }
+      if (Ops::any(has_nan)) {  // every output of the row depends on every input: all NaN (the reference's)
+        loss_rows[r] = std::numeric_limits<T>::quiet_NaN();
+        if (gs) fill_nan(gs, n);
+        if (gt) fill_nan(gt, n);
+        continue;
       }
       const T Ss = Ops::reduce_add(sum_s), St = Ops::reduce_add(sum_t), Sc = Ops::reduce_add(sum_c);
       const T cs0 = ms == -inf ? T(0) : ms, ct0 = mt == -inf ? T(0) : mt;
@@ -200,6 +210,11 @@ struct DistillKLRows {
         });
       }
     }
+  }
+
+  template <class X>
+  static inline void fill_nan(X* p, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) ScalarOps<T>::store(p + i, std::numeric_limits<T>::quiet_NaN());
   }
 
   template <class X>

@@ -32,8 +32,9 @@ def distill_kl_loss_reference(
     log_q = F.log_softmax(s / T, dim=-1)
     log_p = F.log_softmax(t / T, dim=-1)
     p = log_p.exp()
-    # Terms with p = 0 contribute 0 (and their gradient is 0, not 0 * inf).
-    diff = torch.where(p > 0, log_p - log_q, torch.zeros((), dtype=dt, device=s.device))
+    # Terms with p = 0 contribute 0 (and their gradient is 0, not 0 * inf); a NaN p stays in, so a
+    # NaN anywhere in a row reaches its loss and both of its gradients.
+    diff = torch.where((p > 0) | p.isnan(), log_p - log_q, torch.zeros((), dtype=dt, device=s.device))
     rows = torch.zeros(s.shape[0], dtype=dt, device=s.device)
     if kd_weight != 0:
         rows = rows + kd_weight * T * T * (p * diff).sum(-1)

@@ -827,3 +827,38 @@ def test_the_portable_path_holds_on_the_seed_whose_float32_sum_drifted(monkeypat
     on this seed (about 1 seed in 300); the portable path now does its math in float64."""
     test_matches_reference("cpu-portable", torch.float32, "kd_ce_mutual", "none", "one",
                            torch.Generator().manual_seed(3487420247), monkeypatch)
+
+
+# NaN at the first, a middle, the last element, inside and outside the first vector width (8 lanes
+# for AVX2, 16 for AVX-512) and past the first L1 block of 1024
+NAN_AT = [0, 5, 11, 16, 1500, -1]
+
+
+@pytest.mark.parametrize("where", ["student", "teacher"])
+@pytest.mark.parametrize("at", NAN_AT)
+@pytest.mark.parametrize("target,dtype", target_params(cpu_dtypes=(torch.float32, torch.bfloat16), cuda_dtypes=()))
+def test_a_nan_gives_nan_in_exactly_the_outputs_that_depend_on_it(target, dtype, at, where, gen, monkeypatch):
+    """Row 1 holds the NaN: its loss and both of its gradient rows are NaN, as the float64
+    reference's; the other rows keep the reference's values; an ignored row's NaN reaches nothing."""
+    device = use_target(target, monkeypatch)
+    s = randn((4, 1700), gen, dtype=dtype, scale=2.0)
+    t = randn((4, 1700), gen, dtype=dtype, scale=3.0)
+    (s if where == "student" else t)[1, at] = float("nan")
+    (s if where == "student" else t)[3, at] = float("nan")
+    labels = torch.tensor([0, 1, 2, -100])  # row 3 is ignored
+    kw = dict(temperature=2.0, kd_weight=0.7, ce_weight=0.3, reduction="none")
+    g = torch.ones(4)
+    with dispatched(OP, device=device):
+        loss, gs, gt = run(distill_kl_loss, s, t, labels, kw, g, grad_teacher=True)
+    ref = run(distill_kl_loss_reference, s, t, labels, kw, g, grad_teacher=True,
+              dtype_s=torch.float64, dtype_t=torch.float64)
+    clean = run(distill_kl_loss, s[[0, 2]], t[[0, 2]], labels[[0, 2]], kw, g[:2], grad_teacher=True)
+    for got, want, alone, name in zip((loss, gs, gt), ref, clean, ("loss", "grad student", "grad teacher")):
+        assert_all(torch.isnan(got[1]), f"{name}: NaN in the row with the NaN", got[1])
+        assert_all(torch.isnan(want[1]), f"reference {name}: NaN in the row", want[1])
+        assert_all(got[3] == 0, f"{name}: the ignored row stays 0", got[3])
+        assert torch.equal(got[[0, 2]], alone), f"{name}: the other rows are what they are without the NaN row"
+    mean = distill_kl_loss(s, t, labels, **{**kw, "reduction": "batchmean"})
+    assert torch.isnan(mean), "the batch mean includes the NaN row"
+    assert torch.isfinite(distill_kl_loss(s[[0, 2, 3]], t[[0, 2, 3]], labels[[0, 2, 3]],
+                                          **{**kw, "reduction": "batchmean"})), "an ignored NaN row is not counted"
