@@ -358,20 +358,17 @@ class ModelStore:
         """The full id of the model ``ref`` names, the first of these that matches:
 
         1. an id;
-        2. the start of exactly one id;
-        3. a name: the newest model of that name (the last in :meth:`list`'s order, by creation time);
-        4. ``NAME@N``: the N-th model of that name, 1 the oldest (ids hold no ``@``, so this never
-           meets an id; ``reuse models list`` shows each model's ``NAME@N``).
+        2. a name: the newest model of that name (the last in :meth:`list`'s order, by creation time);
+        3. ``NAME@N``: the N-th model of that name, 1 the oldest (ids hold no ``@``, so this never
+           meets an id; ``reuse models list`` shows each model's ``NAME@N``);
+        4. the start of exactly one id.
 
-        The start of several ids is an error only where no name matches either: a name wins over an
-        ambiguous prefix. A name made of hex digits can be shadowed by the start of an id; NAME@N cannot.
+        A name comes before an id prefix, so a name the store accepted always finds its own model,
+        even one that reads like the start of an id ("cafe"); give more of the id to mean that one.
         """
         ids = self._ids()
         if ref in ids:
             return ref
-        by_prefix = [i for i in ids if i.startswith(ref)] if ref else []
-        if len(by_prefix) == 1:
-            return by_prefix[0]
         named = _by_name(self.list())
         if ref in named:
             return named[ref][-1]
@@ -383,7 +380,10 @@ class ModelStore:
                 raise StoreError(f"no model {ref!r}: {name!r} names " + (f"1 model, {name}@1" if n == 1 else
                                  f"{n} models, {name}@1 (the oldest) to {name}@{n} (the newest, also just {name!r})"))
             return versions[int(number) - 1]
-        if len(by_prefix) > 1:
+        by_prefix = [i for i in ids if i.startswith(ref)] if ref else []
+        if len(by_prefix) == 1:
+            return by_prefix[0]
+        if by_prefix:
             raise StoreError(f"{ref!r} is the start of {len(by_prefix)} model ids ({', '.join(by_prefix[:8])}); "
                              "give more characters")
         raise StoreError(f"no model {ref!r} in the store at {self.root} (`reuse models list` shows what it holds)")

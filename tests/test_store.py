@@ -84,10 +84,12 @@ def test_ids_prefixes_and_names_resolve_or_fail_clearly(store, monkeypatch):
         store.resolve("teacher@2")
     with pytest.raises(StoreError, match="no model 'nobody@1'"):
         store.resolve("nobody@1")
-    # a name wins over an ambiguous prefix; an exact id wins over a name; a unique prefix too (as before)
+    # a name wins over the start of ids, one or several (it always finds its own model); an exact id wins over a name
     abc = store.save(net(), backbone="mlp", config={}, dataset=None, classes=["a"], metrics={}, parents=[],
                      strategy="x", options={}, name="abc")
     assert store.resolve("abc") == abc.id and store.resolve("abc@1") == abc.id
+    prefix_name = put(store, "pretrain", name="abc1230")  # also the start of exactly one id, a's
+    assert store.resolve("abc1230") == prefix_name.id and store.resolve("abc12300") == a.id
     [named_like_id] = [put(store, "pretrain", name=a.id)]
     assert store.resolve(a.id) == a.id and store.resolve(f"{a.id}@1") == named_like_id.id
 
@@ -370,7 +372,6 @@ def test_one_bad_manifest_breaks_only_its_own_entry(store, monkeypatch):
 
 
 def test_a_lineage_cycle_is_reported_not_hidden(store):
-    # names that are no hex digits: "a" could be the start of an id, which resolves first
     x, y = put(store, "pretrain", name="x"), put(store, "finetune", name="y")
     z = put(store, "distill", parents=[y.id], name="z")
     edit(x, lineage__parents=[y.id])
