@@ -56,14 +56,17 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(Params p) {
   const bool* kpm = p.kpm ? p.kpm + b * p.Lk : nullptr;
   const int64_t nstat = p.B * p.H * p.Lq;
 
-  load_tile<X, D>(Ks, static_cast<const X*>(p.k) + kvh * p.Lk * p.d, k0, BK, p.Lk, p.d);
+  // Q and K with NaN and inf read as 0. A row that a NaN q or k reaches has NaN statistics, so
+  // its P and dS are NaN and carry it to every gradient it reaches; where dS is 0 (a masked key)
+  // 0 * NaN must not make a NaN.
+  load_tile<X, D, true>(Ks, static_cast<const X*>(p.k) + kvh * p.Lk * p.d, k0, BK, p.Lk, p.d);
   load_tile<X, D>(Vs, static_cast<const X*>(p.v) + kvh * p.Lk * p.d, k0, BK, p.Lk, p.d);
   fill(dKs, BK * D, 0.f);
   fill(dVs, BK * D, 0.f);
   // causal: queries before k0 see none of these keys
   for (int64_t q0 = p.causal ? k0 / BQ * BQ : 0; q0 < p.Lq; q0 += BQ) {
     __syncthreads();  // the previous tile's readers are done with Qs, dOs, dQs and the rows
-    load_tile<X, D>(Qs, q, q0, BQ, p.Lq, p.d);
+    load_tile<X, D, true>(Qs, q, q0, BQ, p.Lq, p.d);
     load_tile<X, D>(dOs, dout, q0, BQ, p.Lq, p.d);
     for (int r = threadIdx.x; r < BQ; r += kThreads) {
       const int64_t qi = q0 + r;
@@ -79,10 +82,10 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_kernel(Params p) {
     for (int i = threadIdx.x; i < BQ * BK; i += kThreads) {
       const int r = i / BK, j = i % BK;
       const bool off = masked(q0 + r, k0 + j, p.Lk, p.causal, kpm);
-      // m = +inf (no key, or a row past Lq): exp(-inf) = 0
-      const float pr = off ? 0.f : __expf(Ss[i] * p.scale - row_m[r] - row_logl[r]);
+      // m = +inf (no key, or a row past Lq): exp(-inf) = 0; m = NaN (a NaN row): NaN
+      const float pr = off ? 0.f : row_m[r] != row_m[r] ? NAN : __expf(Ss[i] * p.scale - row_m[r] - row_logl[r]);
       Ps[i] = from_float<X>(pr);
-      dSs[i] = from_float<X>(pr * (dPs[i] - row_di[r]) * p.scale);
+      dSs[i] = from_float<X>(off ? 0.f : pr * (dPs[i] - row_di[r]) * p.scale);  // dP may be NaN there (a NaN v)
     }
     __syncthreads();
     block_gemm<true, false, BK, D, BQ>(Ps, BK, dOs, D, dVs, D, true);   // dV += P^T dO

@@ -146,14 +146,38 @@ at::Tensor math_copy(const at::Tensor& x) {
 }
 
 // 0 for kept keys, -inf for keys the mask ignores: (B, Lk) in the math dtype.
+// (masked_keys zeroes those keys' rows of k and v, so that no 0 * NaN or 0 * inf of theirs
+// reaches a product: a masked key reaches nothing.)
 at::Tensor key_bias(const c10::optional<at::Tensor>& mask, at::ScalarType acc) {
   if (!mask.has_value()) return at::Tensor();
   return at::zeros(mask->sizes(), at::TensorOptions().dtype(acc))
       .masked_fill_(mask->to(at::kCPU).contiguous(), -std::numeric_limits<double>::infinity());
 }
 
+at::Tensor masked_keys(const at::Tensor& x, const c10::optional<at::Tensor>& mask) {
+  if (!mask.has_value()) return x;
+  return x.masked_fill(mask->to(at::kCPU).view({x.size(0), 1, x.size(2), 1}), 0);
+}
+
+bool all_finite(const at::Tensor& x) { return at::isfinite(x).all().item<bool>(); }
+
+at::Tensor finite_or_zero(const at::Tensor& x) { return all_finite(x) ? x : x.masked_fill(at::logical_not(at::isfinite(x)), 0); }
+
+// O (rows x D) += P V over a tile's `cols` keys. P is 0 where causal masking hides a key, but
+// 0 * NaN and 0 * inf are NaN: when `split` (v holds either), each row multiplies only the keys
+// it keeps.
 template <typename T>
-void forward_impl(const Dims& d, const T* q, const T* k, const T* v, const T* bias, T scale, T* out, T* stats) {
+void accumulate_pv(const AttnTile<T>& t, const T* v, int64_t D, T* o, bool split) {
+  if (!split || !t.causal || t.diag + 1 >= t.cols) return gemm_ab_acc<T>(t.rows, t.cols, D, t.s, t.lds, v, o);
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const int64_t n = std::clamp<int64_t>(t.diag + r + 1, 0, t.cols);
+    if (n > 0) gemm_ab_acc<T>(1, n, D, t.s + r * t.lds, t.lds, v, o + r * D);
+  }
+}
+
+template <typename T>
+void forward_impl(const Dims& d, const T* q, const T* k, const T* v, const T* bias, T scale, T* out, T* stats,
+                  bool v_nonfinite) {
   const auto kern = tile_kernels(T{});
   const int64_t group = d.H / d.Hkv, nqb = (d.Lq + kBlockQ - 1) / kBlockQ, D = d.D;
   at::parallel_for(0, d.B * d.H * nqb, 1, [&](int64_t u0, int64_t u1) {
@@ -173,12 +197,15 @@ void forward_impl(const Dims& d, const T* q, const T* k, const T* v, const T* bi
         gemm_abt<T>(rows, cols, D, scale, qb, k + kv_off + k0 * D, T(0), s.data(), cols);
         const AttnTile<T> tile{s.data(), cols, rows, cols, d.causal, q0 - k0, bias ? bias + b * d.Lk + k0 : nullptr};
         kern.fwd(tile, m.data(), l.data(), ob, D, D);
-        gemm_ab_acc<T>(rows, cols, D, s.data(), cols, v + kv_off + k0 * D, ob);
+        accumulate_pv<T>(tile, v + kv_off + k0 * D, D, ob, v_nonfinite);
       }
       T* mb = stats + bh * d.Lq + q0;
       T* lb = mb + d.B * d.H * d.Lq;
       for (int64_t r = 0; r < rows; ++r) {
-        if (l[r] > T(0)) {
+        if (std::isnan(l[r])) {  // a NaN score: NaN output and statistics
+          std::fill(ob + r * D, ob + (r + 1) * D, std::numeric_limits<T>::quiet_NaN());
+          mb[r] = lb[r] = std::numeric_limits<T>::quiet_NaN();
+        } else if (l[r] > T(0)) {
           const T inv = T(1) / l[r];
           for (int64_t j = 0; j < D; ++j) ob[r * D + j] *= inv;
           mb[r] = m[r];
@@ -192,9 +219,12 @@ void forward_impl(const Dims& d, const T* q, const T* k, const T* v, const T* bi
   });
 }
 
+// q_acc, k_acc: q and k for the products dQ += dS K and dK += dS^T Q, with NaN and inf replaced
+// by 0. Wherever a NaN q or k reaches a gradient, dS there is NaN already; where dS is 0 (a
+// masked key) it must not turn 0 * NaN into NaN.
 template <typename T>
 void backward_impl(const Dims& d, const T* q, const T* k, const T* v, const T* bias, T scale, const T* out,
-                   const T* dout, const T* stats, T* dq, T* dk, T* dv) {
+                   const T* dout, const T* stats, T* dq, T* dk, T* dv, const T* q_acc, const T* k_acc) {
   const auto kern = tile_kernels(T{});
   const int64_t group = d.H / d.Hkv, D = d.D;
   // One (batch, query head) per task: it owns its dQ rows and (per query head) its dK, dV
@@ -204,7 +234,7 @@ void backward_impl(const Dims& d, const T* q, const T* k, const T* v, const T* b
     for (int64_t bh = u0; bh < u1; ++bh) {
       const int64_t b = bh / d.H, h = bh % d.H;
       const int64_t kv_off = (b * d.Hkv + h / group) * d.Lk * D;
-      const T *kh = k + kv_off, *vh = v + kv_off;
+      const T *kh = k + kv_off, *vh = v + kv_off, *kh_acc = k_acc + kv_off;
       T* dqh = dq + bh * d.Lq * D;
       T* dkh = dk + bh * d.Lk * D;
       T* dvh = dv + bh * d.Lk * D;
@@ -213,7 +243,7 @@ void backward_impl(const Dims& d, const T* q, const T* k, const T* v, const T* b
       std::fill(dvh, dvh + d.Lk * D, T(0));
       for (int64_t q0 = 0; q0 < d.Lq; q0 += kBlockQ) {
         const int64_t rows = std::min(kBlockQ, d.Lq - q0), off = (bh * d.Lq + q0) * D;
-        const T *qb = q + off, *ob = out + off, *gb = dout + off;
+        const T *qb = q + off, *ob = out + off, *gb = dout + off, *qb_acc = q_acc + off;
         const T *mb = stats + bh * d.Lq + q0, *lb = mb + d.B * d.H * d.Lq;
         for (int64_t r = 0; r < rows; ++r) {
           T acc = 0;
@@ -229,8 +259,8 @@ void backward_impl(const Dims& d, const T* q, const T* k, const T* v, const T* b
           gemm_atb_acc<T>(rows, cols, D, s.data(), cols, gb, dvh + k0 * D);
           gemm_abt<T>(rows, cols, D, T(1), gb, vh + k0 * D, T(0), dp.data(), cols);
           kern.ds(tile, dp.data(), di.data(), scale);
-          gemm_ab_acc<T>(rows, cols, D, dp.data(), cols, kh + k0 * D, dqh + q0 * D);
-          gemm_atb_acc<T>(rows, cols, D, dp.data(), cols, qb, dkh + k0 * D);
+          gemm_ab_acc<T>(rows, cols, D, dp.data(), cols, kh_acc + k0 * D, dqh + q0 * D);
+          gemm_atb_acc<T>(rows, cols, D, dp.data(), cols, qb_acc, dkh + k0 * D);
         }
       }
     }
@@ -249,15 +279,17 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q, const at::
   check_attention_args(q, k, v, key_padding_mask);
   check_cpu_dtype(q);
   const Dims d = dims_of(q, k, causal);
-  const auto qm = math_copy(q), km = math_copy(k), vm = math_copy(v);
+  const auto qm = math_copy(q), km = masked_keys(math_copy(k), key_padding_mask),
+             vm = masked_keys(math_copy(v), key_padding_mask);
   const auto acc = qm.scalar_type();
+  const bool v_nonfinite = causal && !all_finite(vm);
   auto out = at::empty(q.sizes(), qm.options());
   auto stats = at::empty({2, d.B, d.H, d.Lq}, qm.options());
   const auto bias = key_bias(key_padding_mask, acc);
   AT_DISPATCH_FLOATING_TYPES(acc, "attention_cpu", [&] {
     forward_impl<scalar_t>(d, qm.const_data_ptr<scalar_t>(), km.const_data_ptr<scalar_t>(),
                            vm.const_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
-                           scalar_t(scale), out.data_ptr<scalar_t>(), stats.data_ptr<scalar_t>());
+                           scalar_t(scale), out.data_ptr<scalar_t>(), stats.data_ptr<scalar_t>(), v_nonfinite);
   });
   return {out.to(q.scalar_type()), stats};
 }
@@ -270,7 +302,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   check_attention_backward_args(grad, q, out, stats);
   check_cpu_dtype(q);
   const Dims d = dims_of(q, k, causal);
-  const auto qm = math_copy(q), km = math_copy(k), vm = math_copy(v), om = math_copy(out), gm = math_copy(grad);
+  const auto qm = math_copy(q), km = masked_keys(math_copy(k), key_padding_mask),
+             vm = masked_keys(math_copy(v), key_padding_mask), om = math_copy(out), gm = math_copy(grad);
+  const auto q_acc = finite_or_zero(qm), k_acc = finite_or_zero(km);
   const auto acc = qm.scalar_type();
   const auto sm = stats.to(acc).contiguous();
   const auto bias = key_bias(key_padding_mask, acc);
@@ -283,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
                             vm.const_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
                             scalar_t(scale), om.const_data_ptr<scalar_t>(), gm.const_data_ptr<scalar_t>(),
                             sm.const_data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
-                            dv.data_ptr<scalar_t>());
+                            dv.data_ptr<scalar_t>(), q_acc.const_data_ptr<scalar_t>(), k_acc.const_data_ptr<scalar_t>());
   });
   if (d.H != d.Hkv) {
     dk = dk.view({d.B, d.Hkv, d.H / d.Hkv, d.Lk, d.D}).sum(2);

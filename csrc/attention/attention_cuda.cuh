@@ -58,13 +58,15 @@ struct SmemCarve {
 };
 
 // Copies rows [r0, r0 + rows) of a (L, d_real) row-major matrix into a (rows, D) tile, zero
-// where the row is past L or the column past d_real.
-template <typename X, int D>
+// where the row is past L or the column past d_real (and, with kFinite, where a value is NaN or
+// inf).
+template <typename X, int D, bool kFinite = false>
 __device__ __forceinline__ void load_tile(X* dst, const X* src, int64_t r0, int rows, int64_t L, int d_real) {
   for (int i = threadIdx.x; i < rows * D; i += kThreads) {
     const int r = i / D, c = i % D;
     const int64_t row = r0 + r;
-    dst[i] = (row < L && c < d_real) ? src[row * d_real + c] : from_float<X>(0.f);
+    const X x = (row < L && c < d_real) ? src[row * d_real + c] : from_float<X>(0.f);
+    dst[i] = kFinite && !isfinite(to_float(x)) ? from_float<X>(0.f) : x;
   }
 }
 

@@ -51,30 +51,40 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
   const int r = threadIdx.x / G, sub = threadIdx.x % G;
   const int64_t qi = q0 + r;
   float m = -INFINITY, l = 0.f;
+  bool nan_row = false;  // a NaN among the row's kept scores: NaN output and statistics
   const int64_t kend = p.causal ? (q0 + BQ < p.Lk ? q0 + BQ : p.Lk) : p.Lk;
 
   for (int64_t k0 = 0; k0 < kend; k0 += BK) {
     __syncthreads();  // the previous tile's readers are done with Ks, Vs, Ps
     load_tile<X, D>(Ks, k, k0, BK, p.Lk, p.d);
     load_tile<X, D>(Vs, v, k0, BK, p.Lk, p.d);
-    __syncthreads();
+    int v_bad = 0;
+    for (int i = threadIdx.x; i < BK * D; i += kThreads) v_bad |= !isfinite(to_float(Vs[i]));
+    // a NaN or inf in V: P V below sums only the keys each row keeps (0 * NaN is NaN)
+    v_bad = __syncthreads_or(v_bad);
     block_gemm<false, true, BQ, BK, D>(Qs, D, Ks, D, Ss, BK, false);
     __syncthreads();
     // online softmax on row r: this thread's columns sub, sub + G, ...
     float mx = -INFINITY;
+    int bad = 0;
     for (int j = sub; j < BK; j += G) {
       const float s = masked(qi, k0 + j, p.Lk, p.causal, kpm) ? -INFINITY : Ss[r * BK + j] * p.scale;
       Ss[r * BK + j] = s;
-      mx = fmaxf(mx, s);
+      mx = fmaxf(mx, s);  // drops a NaN: `bad` keeps it
+      bad |= s != s;
     }
 #pragma unroll
-    for (int o = G / 2; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    for (int o = G / 2; o > 0; o >>= 1) {
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      bad |= __shfl_xor_sync(0xffffffffu, bad, o);
+    }
+    nan_row |= bad != 0;
     const float m_new = fmaxf(m, mx);
     // every key so far masked: P = 0, nothing to rescale (l and O are still 0)
     const float alpha = m_new == -INFINITY ? 1.f : __expf(m - m_new);
     float sum = 0.f;
     for (int j = sub; j < BK; j += G) {
-      const float e = m_new == -INFINITY ? 0.f : __expf(Ss[r * BK + j] - m_new);
+      const float e = (nan_row || m_new == -INFINITY) ? 0.f : __expf(Ss[r * BK + j] - m_new);
       Ps[r * BK + j] = from_float<X>(e);
       sum += e;
     }
@@ -85,17 +95,27 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(Params p) {
     if (alpha != 1.f)
       for (int c = sub; c < D; c += G) Os[r * D + c] *= alpha;
     __syncthreads();
-    block_gemm<false, false, BQ, D, BK>(Ps, BK, Vs, D, Os, D, true);
+    if (!v_bad) {
+      block_gemm<false, false, BQ, D, BK>(Ps, BK, Vs, D, Os, D, true);
+    } else {
+      for (int i = threadIdx.x; i < BQ * D; i += kThreads) {
+        const int rr = i / D, c = i % D;
+        float acc = Os[i];
+        for (int j = 0; j < BK; ++j)
+          if (!masked(q0 + rr, k0 + j, p.Lk, p.causal, kpm)) acc = fmaf(to_float(Ps[rr * BK + j]), to_float(Vs[j * D + c]), acc);
+        Os[i] = acc;
+      }
+    }
   }
   __syncthreads();
   if (qi < p.Lq) {
     X* out = static_cast<X*>(p.out) + (bh * p.Lq + qi) * p.d;
     const float inv = l > 0.f ? 1.f / l : 0.f;  // l = 0: every key masked, O = 0
-    for (int c = sub; c < p.d; c += G) out[c] = from_float<X>(Os[r * D + c] * inv);
+    for (int c = sub; c < p.d; c += G) out[c] = from_float<X>(nan_row ? NAN : Os[r * D + c] * inv);
     if (sub == 0) {
       float* stat = p.stats + bh * p.Lq + qi;
-      stat[0] = l > 0.f ? m : INFINITY;
-      stat[p.B * p.H * p.Lq] = l > 0.f ? __logf(l) : 0.f;
+      stat[0] = nan_row ? NAN : l > 0.f ? m : INFINITY;
+      stat[p.B * p.H * p.Lq] = nan_row ? NAN : l > 0.f ? __logf(l) : 0.f;
     }
   }
 }

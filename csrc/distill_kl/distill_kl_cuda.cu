@@ -56,6 +56,7 @@ __global__ void distill_kl_kernel(KLArgs a) {
 
     // Pass 1: per-thread online maxima and sums, rescaled only when the maximum grows.
     float ms = -INFINITY, ss = 0.f, sc = 0.f, mt = -INFINITY, st = 0.f;
+    bool bad = false;  // a NaN in the row, which the max reductions would drop
 #pragma unroll 2
     for (int64_t i = i0; i < n; i += step) {
       float xs[VEC], xt[VEC];
@@ -63,6 +64,7 @@ __global__ void distill_kl_kernel(KLArgs a) {
       load_vec<VEC>(t + i, xt);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
+        bad |= xs[j] != xs[j] || xt[j] != xt[j];
         if (xs[j] > ms) {
           const float d = ms - xs[j];  // -inf while ms is -inf: the sums are 0 anyway
           ss *= __expf(d * inv_T);
@@ -79,6 +81,15 @@ __global__ void distill_kl_kernel(KLArgs a) {
         }
         if (xt[j] > -INFINITY) st += __expf((xt[j] - mt) * inv_T);
       }
+    }
+    if (grp.max(bad ? 1.f : 0.f, smem) > 0.f) {  // NaN loss and gradient rows
+      for (int64_t i = grp.rank(); i < n; i += grp.size()) {
+        if (gs) gs[i] = from_float<S>(NAN);
+        if (gt) gt[i] = from_float<Tt>(NAN);
+      }
+      if (grp.rank() == 0) a.loss_rows[r] = NAN;
+      grp.sync();
+      continue;
     }
     const float Ms = grp.max(ms, smem), Mt = grp.max(mt, smem);
     const float fs = ms > -INFINITY ? __expf((ms - Ms) * inv_T) : 0.f;

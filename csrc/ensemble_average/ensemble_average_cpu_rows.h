@@ -4,6 +4,7 @@
 // the passes a row needs, so each member is read from memory once per direction.
 #pragma once
 
+#include <algorithm>
 #include <vector>
 
 #include "../common/cpu_vec.h"
@@ -48,14 +49,24 @@ struct EnsembleRows {
     return static_cast<const X*>(P.members[k]) + r * P.C;
   }
 
-  // Writes e = exp(z - max z) to `e`, max z to `m`, and returns log(sum(e)) (for a row of
-  // -inf: m = -inf, and 0 is returned).
+  // Writes e = exp(z - max z) to `e`, max z to `m`, and returns log(sum(e)). A row of -inf is
+  // the limit of a constant row, whose softmax is uniform: m = -inf marks it, e = 1 and
+  // log(n) is returned. A row holding a NaN: m = NaN and NaN is returned (e is not written).
   static T row_exp_logsum(const X* z, int64_t n, T* e, T& m) {
     const T inf = std::numeric_limits<T>::infinity();
     V vm = Ops::set1(-inf);
-    for_chunks<W>(n, [&](int64_t i, auto tail) REUSE_AI { vm = Ops::max(vm, vload<Ops, decltype(tail)>(z + i, n - i, -inf)); });
+    auto bad = Ops::none();
+    for_chunks<W>(n, [&](int64_t i, auto tail) REUSE_AI {
+      const V x = vload<Ops, decltype(tail)>(z + i, n - i, -inf);
+      bad = Ops::or_mask(bad, Ops::unordered(x, x));
+      vm = Ops::max(vm, x);
+    });
+    if (Ops::any(bad)) return m = std::numeric_limits<T>::quiet_NaN();
     m = Ops::reduce_max(vm);
-    if (m == -inf) return 0;
+    if (m == -inf) {
+      for_chunks<W>(n, [&](int64_t i, auto tail) REUSE_AI { vstore<Ops, decltype(tail)>(e + i, Ops::set1(1), n - i); });
+      return std::log(T(n));
+    }
     const V c = Ops::set1(m);
     V acc = Ops::set1(0);
     for_chunks<W>(n, [&](int64_t i, auto tail) REUSE_AI {
@@ -67,41 +78,66 @@ struct EnsembleRows {
     return std::log(Ops::reduce_add(acc));
   }
 
+  // log p_k at class i from the member's saved max and log-sum (see row_exp_logsum).
+  static T log_prob(const EnsembleParams& P, int64_t r, int64_t k, int64_t i, const T* lse_m, const T* lse_s) {
+    const T m = lse_m[k * P.rows + r], ls = lse_s[k * P.rows + r];
+    return m == -std::numeric_limits<T>::infinity() ? -ls : (ScalarOps<T>::load(row_of(P, k, r) + i) - m) - ls;
+  }
+
+  // Whether a member row of row r holds a NaN (its saved max is NaN).
+  static bool row_has_nan(const EnsembleParams& P, int64_t r, const T* lse_m) {
+    for (int64_t k = 0; k < P.K; ++k)
+      if (std::isnan(lse_m[k * P.rows + r])) return true;
+    return false;
+  }
+
   // The output row r into y[0..C) in the math dtype. `e` is scratch for K rows. Writes the
-  // members' lse when `write_lse`, else reads them.
+  // members' lse when `write_lse`, else reads them. A NaN in any member, whatever its weight,
+  // makes the row NaN (logits: the entry), as 0 * NaN is NaN in the reference.
   static void compute_row(const EnsembleParams& P, int64_t r, T* y, T* e, bool write_lse) {
     const int64_t n = P.C, K = P.K;
     const T inf = std::numeric_limits<T>::infinity();
     T* lse_m = static_cast<T*>(P.lse);
     T* lse_s = lse_m + K * P.rows;
     for_chunks<W>(n, [&](int64_t i, auto tail) REUSE_AI { vstore<Ops, decltype(tail)>(y + i, Ops::set1(0), n - i); });
+    bool nan_row = false;
     for (int64_t k = 0; k < K; ++k) {
       const X* z = row_of(P, k, r);
       T* ek = e + k * n;
       if (P.mode == kLogitsMode) {
         if (write_lse) lse_m[k * P.rows + r] = lse_s[k * P.rows + r] = 0;
-        if (P.wn[k] == 0) continue;  // skip, rather than 0 * (-inf)
         const V w = Ops::set1(T(P.wn[k]));
+        const bool zero = P.wn[k] == 0;
         for_chunks<W>(n, [&](int64_t i, auto tail) REUSE_AI {
           using Tl = decltype(tail);
-          vstore<Ops, Tl>(y + i, Ops::fma(w, vload<Ops, Tl>(z + i, n - i, 0), vload<Ops, Tl>(y + i, n - i, 0)), n - i);
+          const V x = vload<Ops, Tl>(z + i, n - i, 0), acc = vload<Ops, Tl>(y + i, n - i, 0);
+          // A zero weight adds only its NaN entries: never 0 * (-inf).
+          vstore<Ops, Tl>(y + i, zero ? Ops::add(acc, Ops::and_mask(Ops::unordered(x, x), x)) : Ops::fma(w, x, acc), n - i);
         });
         continue;
       }
       // One exp per member element: y accumulates w_k e_k / sum(e_k), e_k = exp(z_k - max z_k).
-      if (!write_lse && P.wn[k] == 0) continue;
+      if (!write_lse && P.wn[k] == 0) {
+        nan_row |= std::isnan(lse_m[k * P.rows + r]);
+        continue;
+      }
       T m;
       const T ls = row_exp_logsum(z, n, ek, m);
       if (write_lse) {
         lse_m[k * P.rows + r] = m;
         lse_s[k * P.rows + r] = ls;
       }
-      if (P.wn[k] == 0 || m == -inf) continue;
+      nan_row |= std::isnan(m);
+      if (nan_row || P.wn[k] == 0) continue;
       const V w = Ops::set1(T(P.wn[k]) * std::exp(-ls));  // w e / sum(e)
       for_chunks<W>(n, [&](int64_t i, auto tail) REUSE_AI {
         using Tl = decltype(tail);
         vstore<Ops, Tl>(y + i, Ops::fma(w, vload<Ops, Tl>(ek + i, n - i, 0), vload<Ops, Tl>(y + i, n - i, 0)), n - i);
       });
+    }
+    if (nan_row) {
+      std::fill(y, y + n, std::numeric_limits<T>::quiet_NaN());
+      return;
     }
     if (P.mode != kLogProbsMode) return;
     // log of the mixture. Where it is below 1e-30 the float sum may have lost members to
@@ -119,19 +155,11 @@ struct EnsembleRows {
       for (int64_t i = 0; i < n; ++i) {
         if (y[i] != -inf) continue;
         T mx = -inf, sum = 0;
-        for (int64_t k = 0; k < K; ++k) {
-          const T m = lse_m[k * P.rows + r];
-          if (P.wn[k] == 0 || m == -inf) continue;
-          const T lp = (ScalarOps<T>::load(row_of(P, k, r) + i) - m) - lse_s[k * P.rows + r];
-          mx = ScalarOps<T>::max(mx, T(P.log_wn[k]) + lp);
-        }
+        for (int64_t k = 0; k < K; ++k)
+          if (P.wn[k] > 0) mx = ScalarOps<T>::max(mx, T(P.log_wn[k]) + log_prob(P, r, k, i, lse_m, lse_s));
         if (mx == -inf) continue;  // every member gives this class probability 0
-        for (int64_t k = 0; k < K; ++k) {
-          const T m = lse_m[k * P.rows + r];
-          if (P.wn[k] == 0 || m == -inf) continue;
-          const T lp = (ScalarOps<T>::load(row_of(P, k, r) + i) - m) - lse_s[k * P.rows + r];
-          sum += std::exp(T(P.log_wn[k]) + lp - mx);
-        }
+        for (int64_t k = 0; k < K; ++k)
+          if (P.wn[k] > 0) sum += std::exp(T(P.log_wn[k]) + log_prob(P, r, k, i, lse_m, lse_s) - mx);
         y[i] = mx + std::log(sum);
       }
     }
@@ -154,10 +182,7 @@ struct EnsembleRows {
   // largest lp_j so nothing rounds at the scale of lp itself.
   static T exact_share(const EnsembleParams& P, int64_t r, int64_t k, int64_t i, const T* lse_m, const T* lse_s) {
     const T inf = std::numeric_limits<T>::infinity();
-    auto lp = [&](int64_t j) {
-      const T m = lse_m[j * P.rows + r];
-      return m == -inf ? -inf : (ScalarOps<T>::load(row_of(P, j, r) + i) - m) - lse_s[j * P.rows + r];
-    };
+    auto lp = [&](int64_t j) { return log_prob(P, r, j, i, lse_m, lse_s); };
     T sh = -inf;
     for (int64_t j = 0; j < P.K; ++j)
       if (P.wn[j] > 0) sh = ScalarOps<T>::max(sh, lp(j));
@@ -198,20 +223,34 @@ struct EnsembleRows {
                                               Ops::exp(Ops::sub(Ops::set1(0), ld_acc(y, i, n)))));
       }
       double* dw = P.dw_rows + r * K;
+      // A NaN in row r (the reference's pattern): every weight gradient is NaN; in log_probs
+      // mode every member's gradient too, in probs mode that of the member holding it. (The
+      // saved max marks it; logits mode finds it in y and z below.)
+      const bool nan_row = row_has_nan(P, r, lse_m);
+      if (nan_row && P.mode == kLogProbsMode) {
+        for (int64_t k = 0; k < K; ++k) {
+          X* dz = static_cast<X*>(P.grad_members[k]) + r * n;
+          for (int64_t i = 0; i < n; i += W) st(dz, i, n, Ops::set1(std::numeric_limits<T>::quiet_NaN()));
+          dw[k] = std::numeric_limits<double>::quiet_NaN();
+        }
+        continue;
+      }
       for (int64_t k = 0; k < K; ++k) {
         const X* z = row_of(P, k, r);
         X* dz = static_cast<X*>(P.grad_members[k]) + r * n;
         const T wk = T(P.wn[k]), m = lse_m[k * P.rows + r], ls = lse_s[k * P.rows + r];
-        const bool empty = m == -inf;  // a member row of -inf: p_k = 0
+        const bool empty = m == -inf;  // a member row of -inf: uniform, p_k = 1 / C
         if (P.mode == kLogitsMode) {
           // dz_k = w_k g; dw_k = <g, z_k - y> / sum(w), skipping NaN terms (0 * inf, inf - inf).
           V gz = Ops::set1(0);
           const V vw = Ops::set1(wk);
           for (int64_t i = 0; i < n; i += W) {
-            const V vg = ld(g, i, n, 0);
-            const V t = Ops::mul(vg, Ops::sub(ld(z, i, n, 0), ld_acc(y, i, n)));
-            // drop NaN terms (0 * inf, inf - inf: a -inf logit), keep +-inf ones: t*t > -1.
-            gz = Ops::add(gz, Ops::and_mask(Ops::gt(Ops::mul(t, t), Ops::set1(-1)), t));
+            const V vg = ld(g, i, n, 0), vz = ld(z, i, n, 0), vy = ld_acc(y, i, n);
+            const V t = Ops::mul(vg, Ops::sub(vz, vy));
+            // drop the NaN terms of a -inf logit (0 * inf, inf - inf), keep +-inf ones (t*t > -1)
+            // and those of a NaN input, in z or (from any member) in y.
+            const auto keep = Ops::or_mask(Ops::gt(Ops::mul(t, t), Ops::set1(-1)), Ops::unordered(vz, vy));
+            gz = Ops::add(gz, Ops::and_mask(keep, t));
             st(dz, i, n, Ops::mul(vw, vg));
           }
           dw[k] = double(Ops::reduce_add(gz)) * P.inv_wsum;
@@ -219,8 +258,10 @@ struct EnsembleRows {
           // p_k = softmax(z_k); dz_k = w_k p_k (g - <g, p_k>); dw_k = <g, p_k - y> / sum(w).
           V gp = Ops::set1(0), gpy = Ops::set1(0);
           const V cm = Ops::set1(empty ? T(0) : m), cs = Ops::set1(ls);
+          const bool nan_k = std::isnan(m);  // the vector exp would not keep it
           for (int64_t i = 0; i < n; i += W) {
-            const V pv = empty ? Ops::set1(0) : Ops::exp(Ops::sub(Ops::sub(ld(z, i, n, -inf), cm), cs));
+            const V pv = nan_k ? Ops::set1(m) : empty ? Ops::set1(std::exp(-ls))
+                                                      : Ops::exp(Ops::sub(Ops::sub(ld(z, i, n, -inf), cm), cs));
             st(p.data(), i, n, pv);
             const V vg = ld(g, i, n, 0);
             gp = Ops::fma(vg, pv, gp);
@@ -236,7 +277,7 @@ struct EnsembleRows {
           // dz_k = r_k g - p_k <r_k, g>; dw_k = <g, e_k - 1> / sum(w).
           const V cm = Ops::set1(empty ? T(0) : m), cs = Ops::set1(ls), one = Ops::set1(1);
           for (int64_t i = 0; i < n; i += W) {
-            const V x = empty ? Ops::set1(-inf) : Ops::sub(Ops::sub(ld(z, i, n, -inf), cm), cs);
+            const V x = empty ? Ops::set1(-ls) : Ops::sub(Ops::sub(ld(z, i, n, -inf), cm), cs);
             const V pv = Ops::exp(x);
             const V ev = y_moderate ? Ops::mul(pv, ld_acc(ey.data(), i, n))
                                     : Ops::and_mask(Ops::gt(ld_acc(y, i, n), Ops::set1(-inf)),

@@ -56,25 +56,38 @@ __device__ __forceinline__ float weight_sum(const EnsArgs& a) {
   return sum;
 }
 
-// One member row's max M and log sum exp(z - M) over the row group (M = -inf, 0 for a row of
-// -inf). Kept apart rather than as M + log(sum), which would round to M's ulp.
+// One member row's max M and log sum exp(z - M) over the row group. Kept apart rather than as
+// M + log(sum), which would round to M's ulp. A row of -inf has the uniform softmax (the limit
+// of a constant row): M = -inf marks it, LS = log(n). A row holding a NaN: M = LS = NaN (the
+// max reduction alone would drop it).
 template <typename X, int VEC, bool kWarp>
 __device__ void row_max_logsum(const RowGroup<kWarp>& grp, const X* z, int64_t n, float* smem, float& M,
                                float& LS) {
   float m = -INFINITY, s = 0.f;
+  bool bad = false;
 #pragma unroll 2
   for (int64_t i = int64_t(grp.rank()) * VEC; i < n; i += int64_t(grp.size()) * VEC) {
     float x[VEC];
     load_vec<VEC>(z + i, x);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
+      bad |= x[j] != x[j];
       if (x[j] > m) { s *= __expf(m - x[j]); m = x[j]; }
       if (x[j] > -INFINITY) s += __expf(x[j] - m);
     }
   }
+  if (grp.max(bad ? 1.f : 0.f, smem) > 0.f) {
+    M = LS = NAN;
+    return;
+  }
   M = grp.max(m, smem);
   const float S = grp.sum(m > -INFINITY ? s * __expf(m - M) : 0.f, smem);
-  LS = M > -INFINITY ? __logf(S) : 0.f;
+  LS = __logf(M > -INFINITY ? S : float(n));
+}
+
+// log p at a logit z of a member row with saved M and LS (see row_max_logsum).
+__device__ __forceinline__ float member_log_prob(float z, float M, float LS) {
+  return (M == -INFINITY ? 0.f : z - M) - LS;
 }
 
 template <typename X, typename Y, int VEC, bool kWarp>
@@ -97,6 +110,9 @@ __global__ void ensemble_forward_kernel(EnsArgs a) {
       }
     }
     grp.sync();
+    // A NaN in any member, whatever its weight, makes the row NaN (logits: the entry below).
+    bool nan_row = false;
+    for (int64_t k = 0; k < a.K; ++k) nan_row |= lse_s[2 * k] != lse_s[2 * k];
     Y* out = static_cast<Y*>(a.out) + r * n;
     for (int64_t i = int64_t(grp.rank()) * VEC; i < n; i += int64_t(grp.size()) * VEC) {
       float acc[VEC], mx[VEC];
@@ -104,17 +120,17 @@ __global__ void ensemble_forward_kernel(EnsArgs a) {
       for (int j = 0; j < VEC; ++j) { acc[j] = 0.f; mx[j] = -INFINITY; }
       for (int64_t k = 0; k < a.K; ++k) {
         const float w = a.weights[k] * inv_wsum, M = lse_s[2 * k], LS = lse_s[2 * k + 1];
-        if (w == 0.f || M == -INFINITY) continue;  // no contribution, no 0 * (-inf)
+        if (w == 0.f && a.mode != kLogits) continue;  // no contribution
         float z[VEC];
         load_vec<VEC>(member_row<X>(a, k, r) + i, z);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           if (a.mode == kLogits) {
-            acc[j] += w * z[j];
+            acc[j] += w == 0.f ? (z[j] != z[j] ? z[j] : 0.f) : w * z[j];  // never 0 * (-inf); NaN stays
           } else if (a.mode == kProbs) {
-            acc[j] += w * __expf((z[j] - M) - LS);
+            acc[j] += w * __expf(member_log_prob(z[j], M, LS));
           } else {  // online logsumexp over members of log w + z - lse
-            const float x = __logf(w) + ((z[j] - M) - LS);
+            const float x = __logf(w) + member_log_prob(z[j], M, LS);
             if (x > mx[j]) { acc[j] *= __expf(mx[j] - x); mx[j] = x; }
             if (x > -INFINITY) acc[j] += __expf(x - mx[j]);
           }
@@ -123,6 +139,10 @@ __global__ void ensemble_forward_kernel(EnsArgs a) {
       if (a.mode == kLogProbs) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) acc[j] = mx[j] > -INFINITY ? mx[j] + __logf(acc[j]) : -INFINITY;
+      }
+      if (nan_row) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[j] = NAN;
       }
       store_vec<VEC>(out + i, acc);
     }
@@ -135,8 +155,7 @@ __global__ void ensemble_forward_kernel(EnsArgs a) {
 template <typename X>
 __device__ float exact_share(const EnsArgs& a, int64_t r, int64_t k, int64_t i, float inv_wsum) {
   auto lp = [&](int64_t j) {
-    const float M = a.lse[j * a.rows + r];
-    return M == -INFINITY ? -INFINITY : (to_float(member_row<X>(a, j, r)[i]) - M) - a.lse[(a.K + j) * a.rows + r];
+    return member_log_prob(to_float(member_row<X>(a, j, r)[i]), a.lse[j * a.rows + r], a.lse[(a.K + j) * a.rows + r]);
   };
   float sh = -INFINITY;
   for (int64_t j = 0; j < a.K; ++j)
@@ -158,11 +177,17 @@ __global__ void ensemble_backward_kernel(EnsArgs a) {
   for (int64_t r = grp.first_row(); r < a.rows; r += grp.row_stride()) {
     const X* g = static_cast<const X*>(a.grad) + r * n;
     const float* y = a.y + r * n;
+    // A NaN in row r (the reference's pattern): every weight gradient is NaN; in log_probs mode
+    // every member's gradient too, in probs mode that of the member holding it. (The saved max
+    // marks it; logits mode finds it in z and y below.)
+    bool nan_row = false;
+    for (int64_t k = 0; k < a.K; ++k) nan_row |= a.lse[k * a.rows + r] != a.lse[k * a.rows + r];
+    const bool all_nan = nan_row && a.mode == kLogProbs;
     for (int64_t k = 0; k < a.K; ++k) {
       const X* z = member_row<X>(a, k, r);
       X* dz = grad_row<X>(a, k, r);
       const float w = a.weights[k] * inv_wsum, M = a.lse[k * a.rows + r], LS = a.lse[(a.K + k) * a.rows + r];
-      const bool empty = M == -INFINITY;  // a member row of -inf: p_k = 0
+      const bool nan_k = M != M;
       // Pass A: the member's reductions. logits: <g, z - y>; probs: <g, p>, <g, p - y>;
       // log_probs: <g, e>, <g, e - 1> with e = p / exp(y) (0 where y = -inf).
       float r1 = 0.f, r2 = 0.f;
@@ -176,15 +201,17 @@ __global__ void ensemble_backward_kernel(EnsArgs a) {
         for (int j = 0; j < VEC; ++j) {
           if (a.mode == kLogits) {
             const float t = gv[j] * (zv[j] - yv[j]);
-            if (t == t) r2 += t;  // skip NaN terms: 0 * inf, inf - inf
+            // skip the NaN terms of a -inf logit (0 * inf, inf - inf), not those of a NaN input
+            if (t == t || zv[j] != zv[j] || yv[j] != yv[j]) r2 += t;
           } else if (a.mode == kProbs) {
-            const float p = empty ? 0.f : __expf((zv[j] - M) - LS);
+            const float p = nan_k ? NAN : __expf(member_log_prob(zv[j], M, LS));
             r1 += gv[j] * p;
             r2 += gv[j] * (p - yv[j]);
           } else {
-            const float e = (empty || yv[j] == -INFINITY) ? 0.f
+            const float e = all_nan ? NAN
+                            : yv[j] == -INFINITY ? 0.f
                             : yv[j] < -80.f ? exact_share<X>(a, r, k, i + j, inv_wsum)
-                                            : __expf(((zv[j] - M) - LS) - yv[j]);
+                                            : __expf(member_log_prob(zv[j], M, LS) - yv[j]);
             r1 += gv[j] * e;
             r2 += gv[j] * (e - 1.f);
           }
@@ -202,17 +229,18 @@ __global__ void ensemble_backward_kernel(EnsArgs a) {
         if (a.mode == kLogProbs) load_vec<VEC>(y + i, yv);
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          if (w == 0.f) {
+          if (all_nan || nan_k) {
+            d[j] = NAN;
+          } else if (w == 0.f) {
             d[j] = 0.f;
           } else if (a.mode == kLogits) {
             d[j] = w * gv[j];
           } else if (a.mode == kProbs) {
-            const float p = empty ? 0.f : __expf((zv[j] - M) - LS);
-            d[j] = w * p * (gv[j] - R1);
+            d[j] = w * __expf(member_log_prob(zv[j], M, LS)) * (gv[j] - R1);
           } else {
-            const float lp = (zv[j] - M) - LS;
-            const float p = empty ? 0.f : __expf(lp);
-            const float e = (empty || yv[j] == -INFINITY) ? 0.f
+            const float lp = member_log_prob(zv[j], M, LS);
+            const float p = __expf(lp);
+            const float e = yv[j] == -INFINITY ? 0.f
                             : yv[j] < -80.f ? exact_share<X>(a, r, k, i + j, inv_wsum)
                                             : __expf(lp - yv[j]);
             d[j] = w * (e * gv[j] - p * R1);

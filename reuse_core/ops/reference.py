@@ -61,7 +61,9 @@ def ensemble_average_reference(
     mode: str = "probs",
 ) -> torch.Tensor:
     """sum_k w_k f(z_k) / sum_k w_k with f = identity ("logits") or softmax ("probs");
-    "log_probs" is the log of the "probs" result, computed as a logsumexp."""
+    "log_probs" is the log of the "probs" result, computed as a logsumexp. A member row of all
+    -inf has the uniform softmax (the limit of a constant row). A NaN is never masked, not even
+    by a zero weight (0 * NaN = NaN)."""
     z = member_logits if isinstance(member_logits, torch.Tensor) else torch.stack(list(member_logits))
     K = z.shape[0]
     out_dtype = z.dtype
@@ -70,6 +72,8 @@ def ensemble_average_reference(
     w = torch.ones(K, dtype=dt, device=z.device) if weights is None else weights.to(dt)
     wn = (w / w.sum()).reshape((K,) + (1,) * (z.dim() - 1))
     zero = torch.zeros((), dtype=dt, device=z.device)
+    if mode != "logits":  # softmax is shift-invariant: a row of -inf is a constant row
+        zf = torch.where((zf == -torch.inf).all(-1, keepdim=True), zero, zf)
     if mode == "logits":
         # A zero-weight member's -inf logits must not turn 0 * -inf into NaN; its finite logits
         # stay, so the weight still gets its gradient <g, z_k - y> / sum(w).
@@ -101,23 +105,41 @@ def attention_reference(
     """softmax(scale * Q K^T + masks) V with the full (Lq, Lk) score matrix per head (the eager
     math). q (B, H, Lq, D), k and v (B, Hkv, Lk, D), query head h reads key/value head
     h // (H // Hkv); causal masks key j for query i when j > i; key_padding_mask (B, Lk), True =
-    ignore. A query whose keys are all masked gets zeros (and zero gradients)."""
+    ignore. A query whose keys are all masked gets zeros (and zero gradients).
+
+    A masked key reaches nothing: not its k through the score, nor its v through a probability
+    of 0 (where 0 * NaN would be NaN), in the output or the gradients. A NaN anywhere else
+    reaches every output and gradient that depends on it."""
     dt = _math_dtype(q, k, v)
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     group = H // k.shape[1]
+    qf = q.to(dt)
     kf = k.to(dt).repeat_interleave(group, dim=1)
     vf = v.to(dt).repeat_interleave(group, dim=1)
-    s = torch.matmul(q.to(dt), kf.transpose(-2, -1)) * (D**-0.5 if scale is None else float(scale))
     masked = torch.zeros((Lq, Lk), dtype=torch.bool, device=q.device)
     if causal:
         masked = torch.ones((Lq, Lk), dtype=torch.bool, device=q.device).triu(1)
     masked = masked.expand(B, 1, Lq, Lk)
     if key_padding_mask is not None:
         masked = masked | key_padding_mask.to(torch.bool)[:, None, None, :]
+    # With a NaN or inf input, each product sums only the pairs that are not masked: the
+    # operands are masked before they multiply, so autograd never forms 0 * NaN either.
+    exact = not all(bool(torch.isfinite(x).all()) for x in (q, k, v))
+    zero = torch.zeros((), dtype=dt, device=q.device)
+    keep = ~masked[..., None]
+
+    def product(a, b):  # sum_d a[..., i, :] b[..., j, :] over the kept (i, j)
+        if not exact:
+            return torch.matmul(a, b.transpose(-2, -1))
+        return (torch.where(keep, a[..., :, None, :], zero) * torch.where(keep, b[..., None, :, :], zero)).sum(-1)
+
+    s = product(qf, kf) * (D**-0.5 if scale is None else float(scale))
     # Rows with every key masked: softmax over finite zeros, then zeroed, so no NaN reaches
     # either the output or the gradients.
     empty = masked.all(-1, keepdim=True)
-    s = torch.where(masked & ~empty, -torch.inf, s)
-    p = torch.where(empty, 0.0, torch.softmax(s, dim=-1))
-    return torch.matmul(p, vf).to(q.dtype)
+    s = torch.where(masked & ~empty, -torch.inf, torch.where(masked, zero, s))
+    p = torch.where(masked, zero, torch.softmax(s, dim=-1))
+    if not exact:
+        return torch.matmul(p, vf).to(q.dtype)
+    return (torch.where(keep, p[..., None], zero) * torch.where(keep, vf[..., None, :, :], zero)).sum(-2).to(q.dtype)

@@ -445,3 +445,90 @@ def test_bad_sdpa_arguments(gen):
         attention(q, k, v, dropout_p=1.5)
     with pytest.raises(TypeError, match="attn_mask must be a tensor"):
         attention(q, k, v, attn_mask=[[True]])
+
+
+# --------------------------------------------------------------------------------------------
+# NaN in, NaN out; masked keys reach nothing
+# --------------------------------------------------------------------------------------------
+
+# (sequence index, head-dim index) of the NaN: first, inside and outside a vector width (8 lanes
+# for AVX2, 16 for AVX-512), past a 64-query and a 256-key tile, last; bfloat16 at two of them
+NAN_AT = [(0, 0), (5, 3), (11, 17), (70, 19), (258, 8), (-1, -1)]
+NAN_CASES = [pytest.param(target, dtype, at, id=f"{p.id}-{at[0]},{at[1]}", marks=p.marks)
+             for p in EDGE_TARGETS for target, dtype in [p.values] for at in NAN_AT
+             if dtype == torch.float32 or at in (NAN_AT[2], NAN_AT[-1])]
+
+
+def _masks(kind, gen, B, L, at, device):
+    """(causal, key_padding_mask) for a mask kind; "padding" also masks the NaN's own position
+    in batch entry 1, so a masked NaN key is among the cases."""
+    if kind != "padding":
+        return kind == "causal", None
+    m = torch.rand((B, L), generator=gen) < 0.3
+    m[1, at] = True
+    return False, m.to(device)
+
+
+@pytest.mark.parametrize("kind", ["none", "causal", "padding"])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("target,dtype,at", NAN_CASES)
+def test_a_nan_gives_nan_in_exactly_the_outputs_that_depend_on_it(target, dtype, at, where, kind, gen, monkeypatch):
+    """One NaN in q, k or v (batch 1, head 0): NaN exactly where the float64 reference has it, in
+    the output and in dq, dk, dv (a NaN q or k: the rows of the queries that see it; a NaN v:
+    that column of those rows, and the score gradients, but not dv), finite and close elsewhere.
+    A masked key's NaN reaches nothing."""
+    device = use_target(target, monkeypatch)
+    B, H, L, D = 2, 1, 260 if at[0] in (258, -1) else 80, 20  # only the last positions need a second key tile
+    q, k, v = make_inputs(gen, B, H, H, L, L, D, dtype=dtype, device=device)
+    {"q": q, "k": k, "v": v}[where][1, 0, at[0], at[1]] = float("nan")
+    causal, mask = _masks(kind, gen, B, L, at[0], device)
+    g = randn((B, H, L, D), gen, dtype=dtype, device=device)
+    with dispatched(OP, BWD, device=device):
+        got = fwd_bwd(attention, q, k, v, g, causal=causal, key_padding_mask=mask)
+    ref = fwd_bwd(attention_reference, q, k, v, g, torch.float64, causal=causal, key_padding_mask=mask)
+    masked_key = kind == "padding" and where != "q"
+    for name, a, r in zip(NAMES, got, ref):
+        if name == "output":
+            assert r.isnan().any() != masked_key, f"reference output: a NaN {'must not' if masked_key else 'must'} show"
+        assert torch.equal(a.isnan().cpu(), r.isnan().cpu()), \
+            f"{name}: {int(a.isnan().sum())} NaN, the reference {int(r.isnan().sum())}"
+        ok = ~r.isnan()
+        tol = 5e-2 if dtype in LOW_PRECISION else 1e-3
+        torch.testing.assert_close(a.double()[ok.to(a.device)].cpu(), r[ok].cpu(), rtol=tol, atol=tol,
+                                   msg=lambda m: f"{name} where finite: {m}")
+
+
+@pytest.mark.parametrize("kind", ["causal", "padding"])
+@pytest.mark.parametrize("target,dtype", EDGE_TARGETS)
+def test_nan_and_inf_in_masked_keys_reach_nothing(target, dtype, kind, gen, monkeypatch):
+    """NaN and +-inf in the k and v of masked keys (padded keys; or, with causal and 3 more keys
+    than queries, the last 3 keys, in every query's future): the results are those of the same
+    inputs with zeros there (bit for bit with padding), and finite."""
+    device = use_target(target, monkeypatch)
+    B, H, Lk, D = 2, 2, 130, 24
+    Lq = Lk - 3 if kind == "causal" else Lk
+    q, k, v = make_inputs(gen, B, H, H, Lq, Lk, D, dtype=dtype, device=device)
+    g = randn((B, H, Lq, D), gen, dtype=dtype, device=device)
+    hidden = torch.zeros((B, H, Lk, D), dtype=torch.bool)
+    if kind == "padding":
+        mask = torch.zeros((B, Lk), dtype=torch.bool)
+        mask[1, [0, 9, 64, Lk - 1]] = True
+        hidden |= mask[:, None, :, None]
+        causal, mask = False, mask.to(device)
+    else:
+        causal, mask = True, None
+        hidden[:, :, Lq:] = True
+    hidden = hidden.to(device)
+    bad = torch.tensor([math.nan, math.inf, -math.inf], dtype=dtype, device=device)
+    fill = bad[torch.randint(0, 3, (int(hidden.sum()),), generator=gen).to(device)]
+    k_bad, v_bad = k.masked_scatter(hidden, fill), v.masked_scatter(hidden, fill.flip(0))
+    k0, v0 = k.masked_fill(hidden, 0), v.masked_fill(hidden, 0)
+    got = fwd_bwd(attention, q, k_bad, v_bad, g, causal=causal, key_padding_mask=mask)
+    want = fwd_bwd(attention, q, k0, v0, g, causal=causal, key_padding_mask=mask)
+    # causal: each query's row multiplies only the keys it sees when v is not finite, which
+    # rounds differently from one product over the tile
+    tol = dict(rtol=0, atol=0) if kind == "padding" else \
+        dict(rtol=8e-3, atol=1e-5) if dtype in LOW_PRECISION else dict(rtol=1e-5, atol=1e-6)
+    for name, a, b in zip(NAMES, got, want):
+        assert_all(torch.isfinite(a), f"{name} finite", a)
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name} vs the run with zeros in the masked keys: {m}")

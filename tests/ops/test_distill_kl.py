@@ -836,7 +836,8 @@ NAN_AT = [0, 5, 11, 16, 1500, -1]
 
 @pytest.mark.parametrize("where", ["student", "teacher"])
 @pytest.mark.parametrize("at", NAN_AT)
-@pytest.mark.parametrize("target,dtype", target_params(cpu_dtypes=(torch.float32, torch.bfloat16), cuda_dtypes=()))
+@pytest.mark.parametrize("target,dtype", target_params(cpu_dtypes=(torch.float32, torch.bfloat16),
+                                                       cuda_dtypes=(torch.float32, torch.bfloat16)))
 def test_a_nan_gives_nan_in_exactly_the_outputs_that_depend_on_it(target, dtype, at, where, gen, monkeypatch):
     """Row 1 holds the NaN: its loss and both of its gradient rows are NaN, as the float64
     reference's; the other rows keep the reference's values; an ignored row's NaN reaches nothing."""
@@ -848,6 +849,7 @@ def test_a_nan_gives_nan_in_exactly_the_outputs_that_depend_on_it(target, dtype,
     labels = torch.tensor([0, 1, 2, -100])  # row 3 is ignored
     kw = dict(temperature=2.0, kd_weight=0.7, ce_weight=0.3, reduction="none")
     g = torch.ones(4)
+    s, t, labels, g = s.to(device), t.to(device), labels.to(device), g.to(device)
     with dispatched(OP, device=device):
         loss, gs, gt = run(distill_kl_loss, s, t, labels, kw, g, grad_teacher=True)
     ref = run(distill_kl_loss_reference, s, t, labels, kw, g, grad_teacher=True,

@@ -730,3 +730,80 @@ def test_bf16_backward_without_the_caching_allocator(device):
     env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1", "CUDA_LAUNCH_BLOCKING": "1"}
     r = subprocess.run([sys.executable, "-c", NO_CACHING_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# NaN in, NaN out; a member row of -inf
+# --------------------------------------------------------------------------------------------
+
+# NaN at the first, a middle, the last class, inside and outside the first vector width (8 lanes
+# for AVX2, 16 for AVX-512) and past the first L1 block of 1024
+NAN_AT = [0, 5, 11, 16, 1500, -1]
+
+
+@pytest.mark.parametrize("zero_weight", [False, True], ids=["weighted", "zero-weight"])
+@pytest.mark.parametrize("at", NAN_AT)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("target,dtype", target_params(cpu_dtypes=(torch.float32, torch.bfloat16),
+                                                       cuda_dtypes=(torch.float32, torch.bfloat16)))
+def test_a_nan_gives_nan_in_exactly_the_outputs_that_depend_on_it(target, dtype, mode, at, zero_weight, gen,
+                                                                  monkeypatch):
+    """Member 1 holds a NaN in row 2 (a zero weight does not hide it: 0 * NaN = NaN). logits: that
+    output entry is NaN, member gradients stay finite. probs: the output row is NaN and so is the
+    gradient row of member 1 only. log_probs: the output row and every member's gradient row are
+    NaN. Every weight's gradient is NaN. As in the float64 reference; other rows are unchanged."""
+    device = use_target(target, monkeypatch)
+    K, rows, C = 3, 4, 1700
+    z = randn((K, rows, C), gen, dtype=dtype, scale=2.0)
+    z[1, 2, at] = float("nan")
+    w = make_weights(K, gen, dtype=torch.float32, zero=(1,) if zero_weight else ())
+    g = randn((rows, C), gen, dtype=dtype)
+    z, w, g = z.to(device), w.to(device), g.to(device)
+    with dispatched(OP, BWD, device=device):
+        y, gz, gw = run(ensemble_average, z, w, g, mode=mode)
+    ref = run(ensemble_average_reference, z, w, g, mode=mode, dtype=torch.float64, wdtype=torch.float64)
+    nan_y = torch.zeros(rows, C, dtype=torch.bool)
+    nan_gz = torch.zeros(K, rows, C, dtype=torch.bool)
+    if mode == "logits":
+        nan_y[2, at] = True
+    else:
+        nan_y[2] = True
+        nan_gz[1 if mode == "probs" else slice(None), 2] = True
+    for name, got, want, expected in zip(("output", "grad members", "grad weights"), (y, gz, gw), ref,
+                                         (nan_y, nan_gz, torch.ones(K, dtype=torch.bool))):
+        assert torch.equal(want.isnan().cpu(), expected), f"reference {name}: NaN pattern"
+        assert torch.equal(got.isnan().cpu(), expected), \
+            f"{name}: NaN at {got.isnan().nonzero().tolist()[:5]}..., expected {expected.nonzero().tolist()[:5]}..."
+    others = [0, 1, 3]
+    clean = run(ensemble_average, z[:, others], w, g[others], mode=mode)
+    assert torch.equal(y[others], clean[0]), "output: the other rows are what they are without row 2"
+    assert torch.equal(gz[:, others], clean[1]), "grad members: the other rows are what they are without row 2"
+
+
+@pytest.mark.parametrize("mode", ["probs", "log_probs"])
+@pytest.mark.parametrize("target,dtype", target_params())
+def test_a_member_row_of_neg_inf_has_the_uniform_softmax(target, dtype, mode, gen, monkeypatch):
+    """softmax(z + c) = softmax(z) for every c, so a row of -inf (the limit of a constant row) has
+    the uniform softmax 1/C: the output row is still a distribution (it summed to 1 - w_k once),
+    and output and gradients match the float64 reference, where that row is a constant row."""
+    device = use_target(target, monkeypatch)
+    K, rows, C = 3, 5, 37
+    z = randn((K, rows, C), gen, dtype=torch.float64, scale=2.0)
+    z[1, 3] = -math.inf
+    z[:, 4] = -math.inf  # every member
+    z = z.to(dtype).to(device)
+    w = make_weights(K, gen, dtype=weight_dtype_for(dtype), device=device)
+    g = randn((rows, C), gen, dtype=dtype, device=device)
+    with dispatched(OP, BWD, device=device):
+        out = run(ensemble_average, z, w, g, mode=mode)
+    constant = torch.where(torch.isinf(z), torch.zeros((), dtype=dtype, device=device), z)
+    ref = run(ensemble_average_reference, constant, w, g, mode=mode, dtype=torch.float64, wdtype=torch.float64)
+    same = run(ensemble_average_reference, z, w, g, mode=mode)
+    total = out[0].double().exp().sum(-1) if mode == "log_probs" else out[0].double().sum(-1)
+    torch.testing.assert_close(total, torch.ones_like(total), rtol=0, atol=2e-2 if dtype in LOW_PRECISION else 1e-5)
+    assert torch.allclose(out[0][4].double().cpu(), torch.full((C,), 1 / C if mode == "probs" else -math.log(C),
+                                                                 dtype=torch.float64), rtol=1e-2, atol=0)
+    for name, x, r, t in zip(("output", "grad members", "grad weights"), out, ref, same):
+        assert_all(torch.isfinite(x), f"{name} finite", x)
+        prec = dtype if dtype in LOW_PRECISION or name != "grad weights" else w.dtype
+        assert_close_to_ref(x, r, dtype=prec, same_dtype_ref=t, name=name, f32_as_torch=True)
