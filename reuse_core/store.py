@@ -6,6 +6,10 @@ dataset, classes, metrics, the weights' sha256, creation time, and lineage (pare
 strategy and options that produced it, and a summary of every ancestor, so the story survives an
 ancestor's removal or a trip to another store). Every write is atomic; every read of weights
 checks the sha256 first, so a changed or truncated file is refused with a :class:`StoreError`.
+An export can be quantised (:data:`QUANTIZE_SCHEMES`: int8 weights with float32 scales, or bf16):
+it is a new model, its own id with the original as its parent, whose manifest's ``quantization``
+records the scheme, the size against the float32 export and the validation accuracy before and
+after; :meth:`ModelStore.load` gives its weights back dequantised, so it is used like any model.
 A manifest that cannot be read (unparsable, too large, nested too deeply, fields of the wrong type)
 marks only its own entry broken.
 
@@ -28,6 +32,7 @@ import secrets
 import shutil
 import time
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +153,8 @@ def _parse_json(text: str | bytes, where: str) -> Any:
 _FIELDS = {"id": str, "backbone": str, "classes": list, "weights": dict, "lineage": dict}  # required
 _OPTIONAL_FIELDS = {"name": str, "config": dict, "metrics": dict, "created": str, "dataset": str,
                     "lineage.parents": list, "lineage.ancestry": dict, "lineage.strategy": str,
-                    "lineage.options": dict, "weights.sha256": str}  # null is allowed
+                    "lineage.options": dict, "weights.sha256": str, "quantization": dict,
+                    "quantization.tensors": dict}  # null is allowed
 
 
 def _check_manifest(manifest: Any, where: str) -> dict[str, Any]:
@@ -161,7 +167,7 @@ def _check_manifest(manifest: Any, where: str) -> dict[str, Any]:
     wrong = [k for k, kind in _FIELDS.items() if not isinstance(manifest[k], kind)]
     for key, kind in _OPTIONAL_FIELDS.items():
         outer, _, inner = key.rpartition(".")
-        within = manifest[outer] if outer else manifest
+        within = manifest.get(outer) if outer else manifest
         if isinstance(within, dict) and within.get(inner) is not None and not isinstance(within[inner], kind):
             wrong.append(key)
     if isinstance(manifest["classes"], list) and not all(isinstance(c, str) for c in manifest["classes"]):
@@ -194,6 +200,105 @@ def _parse_weights(data: bytes, where: str) -> dict[str, torch.Tensor]:
         return st_load(data)
     except (SafetensorError, ValueError) as e:
         raise StoreError(f"{where} is not a valid safetensors file ({e})") from None
+
+
+# ---------------------------------------------------------------- quantised weights
+
+QUANTIZE_SCHEMES = ("int8", "bf16")
+QUANTIZE_STRATEGY = "quantize"  # the lineage strategy of a quantised export
+SCALE_SUFFIX = "_scale"  # int8: the scales of weight W are stored as W + "_scale"
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def quantize_state(state: dict[str, torch.Tensor], scheme: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(the tensors to store, {key: original dtype} of those quantised) for ``scheme``:
+
+    - ``int8``: every floating tensor of 2 or more dimensions (Linear and Conv weights) becomes
+      symmetric int8 per output channel (per index of dim 0): ``scale = max|W[c]| / 127``,
+      ``q = round(W / scale)`` in [-127, 127], with the float32 scales stored under ``W_scale``;
+      biases, norm parameters and buffers stay as they are (a few per cent of a model's size).
+    - ``bf16``: every floating tensor becomes bfloat16.
+    """
+    if scheme not in QUANTIZE_SCHEMES:
+        raise StoreError(f"unknown quantisation {scheme!r}; the schemes are {', '.join(QUANTIZE_SCHEMES)}")
+    out: dict[str, torch.Tensor] = {}
+    done: dict[str, str] = {}
+    for key, v in state.items():
+        if not v.is_floating_point() or (scheme == "int8" and v.dim() < 2):
+            out[key] = v
+            continue
+        done[key] = str(v.dtype).removeprefix("torch.")
+        if scheme == "bf16":
+            out[key] = v.to(torch.bfloat16)
+            continue
+        if key + SCALE_SUFFIX in state:
+            raise StoreError(f"cannot quantise {key}: the model already has a tensor {key + SCALE_SUFFIX}")
+        w = v.detach().to(torch.float32)
+        scale = w.abs().amax(dim=tuple(range(1, w.dim()))) / 127
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale)).view(-1, *[1] * (w.dim() - 1))
+        out[key] = torch.round(w / safe).clamp(-127, 127).to(torch.int8)  # an all-zero channel stays 0
+        out[key + SCALE_SUFFIX] = scale
+    return out, done
+
+
+def dequantize_state(tensors: dict[str, torch.Tensor], quantization: dict[str, Any], where: str = "the weights"
+                     ) -> dict[str, torch.Tensor]:
+    """The state dict :func:`quantize_state` stored ``tensors`` from, each quantised tensor back in
+    its original dtype (``quantization``: a manifest's record, with ``scheme`` and ``tensors``)."""
+    scheme, done = quantization.get("scheme"), quantization.get("tensors")
+    if scheme not in QUANTIZE_SCHEMES or not isinstance(done, dict) or not all(v in _DTYPES for v in done.values()):
+        raise StoreError(f"{where}: the manifest's quantization record is not one this store writes (it was edited)")
+    scales = {k + SCALE_SUFFIX for k in done} if scheme == "int8" else set()
+    out = {k: v for k, v in tensors.items() if k not in scales}
+    for key, dtype in done.items():
+        q = tensors.get(key)
+        scale = tensors.get(key + SCALE_SUFFIX) if scheme == "int8" else None
+        if q is None or (scheme == "int8" and (scale is None or q.dtype != torch.int8 or scale.shape != q.shape[:1])):
+            raise StoreError(f"{where}: the quantised tensor {key} is missing or malformed")
+        value = q.to(torch.float32) * scale.view(-1, *[1] * (q.dim() - 1)) if scale is not None else q
+        out[key] = value.to(_DTYPES[dtype])
+    return out
+
+
+def training_options(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The options of the run that trained a model (its seed and data settings, say): its own
+    lineage's, or for a quantised export its source's."""
+    lineage = manifest.get("lineage") or {}
+    options = lineage.get("options") or {}
+    if lineage.get("strategy") == QUANTIZE_STRATEGY:
+        return options.get("source_options") or {}
+    return options
+
+
+def read_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(the state dict, dequantised, and the manifest) of a store export file, checked against
+    the sha256 its manifest carries, without importing it into a store."""
+    path = Path(path).expanduser()
+    manifest = export_manifest(path)
+    tensors = _parse_weights(path.read_bytes(), str(path))
+    if _sha256(_serialize(tensors)) != manifest["weights"].get("sha256"):
+        raise StoreError(f"{path}: the weights do not match the sha256 recorded in the export's manifest")
+    if manifest.get("quantization"):
+        tensors = dequantize_state(tensors, manifest["quantization"], str(path))
+    return tensors, manifest
+
+
+def export_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest a store export file carries (read from its header; the weights are not read)."""
+    path = Path(path).expanduser()
+    meta = _safetensors_metadata(path)
+    if EXPORT_KEY not in meta:
+        raise StoreError(f"{path}: not a store export (no {EXPORT_KEY} metadata)")
+    where = f"{path}: its {EXPORT_KEY} metadata"
+    return _check_manifest(_parse_json(meta[EXPORT_KEY], where), where)
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise StoreError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def _node(fields: dict[str, Any], strategy: Any, parents: Any) -> dict[str, Any]:
@@ -454,10 +559,15 @@ class ModelStore:
         return self._verified_weights(self.resolve(ref))[1]
 
     def load(self, ref: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """(state_dict on the CPU, manifest), the weights checked against the manifest's sha256."""
+        """(state_dict on the CPU, manifest), the weights checked against the manifest's sha256; a
+        quantised model's dequantised (:func:`dequantize_state`)."""
         mid = self.resolve(ref)
         data, manifest = self._verified_weights(mid)
-        return _parse_weights(data, f"model {mid}: its weights {self.models / mid / WEIGHTS}"), manifest
+        where = f"model {mid}: its weights {self.models / mid / WEIGHTS}"
+        state = _parse_weights(data, where)
+        if manifest.get("quantization"):
+            state = dequantize_state(state, manifest["quantization"], where)
+        return state, manifest
 
     # ---------------------------------------------------------------- lineage
 
@@ -504,18 +614,32 @@ class ModelStore:
 
     # ---------------------------------------------------------------- moving models
 
-    def export(self, ref: str, path: str | os.PathLike) -> Path:
+    def export(self, ref: str, path: str | os.PathLike, *, quantize: str | None = None,
+               evaluate: Callable[[dict[str, torch.Tensor]], float] | None = None) -> Path:
         """Write the model as one self-contained .safetensors file (weights, with the manifest in
         the file's metadata) that :meth:`import_` reads back into any store. A folder ``path``
         gets ``<name>-<id>.safetensors`` inside it (the name made safe: :func:`clean_name`). Returns
-        the file written."""
+        the file written.
+
+        ``quantize`` (:data:`QUANTIZE_SCHEMES`, :func:`quantize_state`) writes a quantised copy
+        instead: a new model named ``<name>-<scheme>``, whose id follows from the original's and
+        the quantised weights (exporting twice gives one id), with the original as its parent. Its
+        manifest's ``quantization`` records the scheme, the quantised tensors, the file's bytes
+        against the float32 export's (``size_ratio``) and, when ``evaluate`` (state dict ->
+        validation accuracy) is given, the accuracy before and after (``val_accuracy``)."""
         mid = self.resolve(ref)
         data, manifest = self._verified_weights(mid)
+        state = _parse_weights(data, f"model {mid}: its weights {self.models / mid / WEIGHTS}")
+        if quantize is None:
+            blob = st_save(state, metadata={EXPORT_KEY: json.dumps(manifest)})
+        else:
+            if manifest.get("quantization"):  # quantised already: start from its dequantised weights
+                state = dequantize_state(state, manifest["quantization"], f"model {mid}")
+            manifest, blob = _quantized_export(manifest, state, quantize, evaluate)
         path = Path(path).expanduser()
         if path.is_dir():
-            path = _child(path, f"{clean_name(manifest.get('name') or 'model')}-{clean_name(mid)}.safetensors")
-        state = _parse_weights(data, f"model {mid}: its weights {self.models / mid / WEIGHTS}")
-        blob = st_save(state, metadata={EXPORT_KEY: json.dumps(manifest)})
+            name = f"{clean_name(manifest.get('name') or 'model')}-{clean_name(manifest['id'])}.safetensors"
+            path = _child(path, name)
         with atomic_open(path) as f:
             f.write(blob)
         return path
@@ -533,11 +657,7 @@ class ModelStore:
         if not path.is_file():
             raise StoreError(f"{path}: no such file")
         if path.suffix == ".safetensors":
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    meta = f.metadata() or {}
-            except (SafetensorError, OSError) as e:
-                raise StoreError(f"{path}: not a readable safetensors file ({e})") from None
+            meta = _safetensors_metadata(path)
             if EXPORT_KEY in meta:
                 return self._import_export(path, meta[EXPORT_KEY], backbone=backbone)
             state, fmt = self._read_safetensors(path), "safetensors"
@@ -648,6 +768,40 @@ def _read_torch_state(path: Path) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return dict(obj)
+
+
+def _quantized_export(source: dict[str, Any], state: dict[str, torch.Tensor], scheme: str,
+                      evaluate: Callable[[dict[str, torch.Tensor]], float] | None) -> tuple[dict[str, Any], bytes]:
+    """(the manifest, the file) of the quantised export of the model ``source`` with float weights ``state``."""
+    tensors, done = quantize_state(state, scheme)
+    weights = _serialize(tensors)
+    sha = _sha256(weights)
+    float_bytes = len(st_save({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()},
+                              metadata={EXPORT_KEY: json.dumps(source)}))
+    accuracy = None
+    if evaluate is not None:
+        before, after = evaluate(state), evaluate(dequantize_state(tensors, {"scheme": scheme, "tensors": done}))
+        accuracy = {"float32": before, "quantized": after, "change": after - before}
+    lineage = source["lineage"]
+    manifest = {
+        "format": FORMAT, "id": _sha256(f"{source['id']}/{scheme}/{sha}".encode())[:12],
+        "name": clean_name(f"{source.get('name') or 'model'}-{scheme}"), "backbone": source["backbone"],
+        "config": source.get("config") or {}, "dataset": source.get("dataset"), "classes": source["classes"],
+        "metrics": {"val_accuracy": accuracy["quantized"]} if accuracy else {}, "created": _now(),
+        "lineage": {"parents": [source["id"]], "strategy": QUANTIZE_STRATEGY,
+                    "options": {"scheme": scheme, "source_options": training_options(source)},
+                    "ancestry": {**(lineage.get("ancestry") or {}), source["id"]: _summary(source)}},
+        "quantization": {"scheme": scheme, "tensors": done, "source": source["id"], "float32_export_bytes": float_bytes,
+                         "bytes": 0, "size_ratio": 0.0, "val_accuracy": accuracy},
+        "weights": {"file": WEIGHTS, "sha256": sha, "bytes": len(weights)},
+    }
+    record = manifest["quantization"]
+    for _ in range(8):  # the file records its own size: write it until that is the size written (twice or
+        blob = st_save(tensors, metadata={EXPORT_KEY: json.dumps(manifest)})  # so; safetensors pads its header)
+        if record["bytes"] == len(blob):
+            break
+        record.update(bytes=len(blob), size_ratio=round(len(blob) / float_bytes, 4))
+    return manifest, blob
 
 
 def format_lineage(lineage: dict[str, Any]) -> str:

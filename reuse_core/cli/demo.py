@@ -11,8 +11,9 @@ fine-tune it to classes 5-9 with a few labels per class against the same network
 scratch on the same labels, then distill the teacher and the fine-tuned model into a much smaller
 MLP student against that student trained from scratch on the same labels; then combine models:
 an ensemble of four CNNs trained together against its best member, a cascade of the student and
-its teacher (accuracy against compute, cascade.png), and a soup of fine-tuned models against its
-ingredients. The steps are the recipes in recipes/digits-*.toml, run the same way as
+its teacher (accuracy against compute, cascade.png), a soup of fine-tuned models against its
+ingredients, and a merge of two specialists (one parent fine-tuned to 0-4 and to 5-9) into one
+10-digit model against their ensemble and joint training, exported in int8. The steps are the recipes in recipes/digits-*.toml, run the same way as
 `reuse run`. It prints a table of test accuracies (mean +- standard deviation over the seeds) and
 writes report.md, metrics.json and PNG plots into a run directory it names at the end (the models
 go to a store inside it unless --store is given).

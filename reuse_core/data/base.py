@@ -52,13 +52,18 @@ def select_classes(labels: np.ndarray, names: Sequence[str], classes: Sequence[i
 
 class ArrayDataset(Dataset):
     """Images held in one array (N, C, H, W); ``x`` is ``images[i] / divisor`` as float32 (uint8
-    storage keeps CIFAR at a quarter of the memory)."""
+    storage keeps CIFAR at a quarter of the memory). ``indices``: each image's position in the
+    provider's whole image set (the dataset contract's optional attribute), or None."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], divisor: float = 1.0):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], divisor: float = 1.0,
+                 indices: Sequence[int] | None = None):
         if images.ndim != 4 or len(images) != len(labels):
             raise ValueError(f"images must be (N, C, H, W) with one label each, got {images.shape} and {len(labels)} labels")
+        if indices is not None and len(indices) != len(labels):
+            raise ValueError(f"indices must give one position per image, got {len(indices)} for {len(labels)} images")
         self._images = torch.from_numpy(np.ascontiguousarray(images))
         self._divisor = divisor
+        self.indices = None if indices is None else [int(i) for i in indices]
         self.targets = [int(y) for y in labels]
         self.classes = classes
         self.in_channels = images.shape[1]
@@ -72,7 +77,8 @@ class ArrayDataset(Dataset):
 
 
 def array_dataset(images: np.ndarray, labels: np.ndarray, names: Sequence[str], *, part: np.ndarray,
-                  classes: Sequence[int] | None, divisor: float) -> ArrayDataset:
-    """The dataset of the indices ``part`` of (images, labels), restricted to ``classes``."""
+                  classes: Sequence[int] | None, divisor: float, offset: int = 0) -> ArrayDataset:
+    """The dataset of the indices ``part`` of (images, labels), restricted to ``classes``; its
+    ``indices`` are those of ``part`` plus ``offset`` (where these images start in the whole set)."""
     kept, remapped, kept_names = select_classes(labels[part], names, classes)
-    return ArrayDataset(images[part[kept]], remapped, kept_names, divisor)
+    return ArrayDataset(images[part[kept]], remapped, kept_names, divisor, indices=part[kept] + offset)

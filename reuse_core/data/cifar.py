@@ -210,7 +210,9 @@ def load(layout: Layout, *, split: str, seed: int, classes: Sequence[int] | None
         part = np.arange(len(labels))
     else:
         part = stratified_split(labels, seed, (1 - val_fraction, val_fraction))[split == "val"]
-    return array_dataset(images, labels, names, part=part, classes=classes, divisor=255)
+    # indices count the official training images first, then the test images
+    offset = len(read(layout, fmt, folder.resolve(), "train", label_mode)[1]) if split == "test" else 0
+    return array_dataset(images, labels, names, part=part, classes=classes, divisor=255, offset=offset)
 
 
 def cifar10(*, split: str = "train", seed: int = 0, classes: Sequence[int] | None = None, root: str | None = None,

@@ -16,11 +16,14 @@ from reuse_core.data.base import SPLITS, check_split, select_classes, stratified
 
 
 class FolderDataset(Dataset):
-    """A view of an ImageFolder: some of its indices, labels remapped to a class subset."""
+    """A view of an ImageFolder: some of its indices, labels remapped to a class subset.
+    ``indices`` (the dataset contract's): the images' positions in the folder when the splits are
+    drawn from one folder; None with split folders, whose images no other split can hold."""
 
     def __init__(self, base, indices: np.ndarray, targets: np.ndarray, classes: list[str], in_channels: int,
-                 input_size: tuple[int, int]):
+                 input_size: tuple[int, int], *, drawn: bool = True):
         self._base, self._indices = base, [int(i) for i in indices]
+        self.indices = list(self._indices) if drawn else None
         self.targets = [int(t) for t in targets]
         self.classes, self.in_channels, self.input_size = classes, in_channels, input_size
 
@@ -54,4 +57,5 @@ def imagefolder(*, split: str = "train", seed: int = 0, classes: Sequence[int] |
     part = np.arange(len(labels)) if has_splits else stratified_split(labels, seed, (0.6, 0.2, 0.2))[SPLITS.index(split)]
     kept, remapped, names = select_classes(labels[part], base.classes, classes)
     first = base[0][0]
-    return FolderDataset(base, part[kept], remapped, names, first.shape[0], (first.shape[1], first.shape[2]))
+    return FolderDataset(base, part[kept], remapped, names, first.shape[0], (first.shape[1], first.shape[2]),
+                         drawn=not has_splits)

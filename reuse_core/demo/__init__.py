@@ -97,7 +97,7 @@ def _run(sections, *, seeds, epochs_scale, out, store, device, quiet) -> DemoRep
                 print(f"seed {seed} {sec.key:<10} {time.perf_counter() - t:5.1f} s  test accuracy: {line}", flush=True)
     wall = time.perf_counter() - t0
     metrics = _summarise(sections, made, seeds=seeds, epochs_scale=epochs_scale, wall=wall, store=str(store.root))
-    goals = {sec.key: g for sec in sections if (g := sec.goals(runs[sec.key], run_dir)) is not None}
+    goals = {sec.key: g for sec in sections if (g := sec.goals(runs[sec.key], run_dir, store)) is not None}
     metrics["combination"] = _combination(goals)
     table = format_table(metrics)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -107,7 +107,7 @@ def _run(sections, *, seeds, epochs_scale, out, store, device, quiet) -> DemoRep
 
 
 def _summarise(sections, made, *, seeds, epochs_scale, wall, store) -> dict:
-    acc = {step: [r.metrics["test_accuracy"] for r in results] for step, results in made.items()}
+    acc = {step: [r.metrics.get("test_accuracy") for r in results] for step, results in made.items()}  # None: no classifier (selfsup, the curve)
     out = {"seeds": list(range(seeds)), "epochs_scale": epochs_scale, "wall_s": round(wall, 1), "store": store,
            "created": datetime.datetime.now().isoformat(timespec="seconds"), "sections": []}
     for sec in sections:
@@ -134,7 +134,7 @@ def _combination(goals: dict[str, Goals]) -> dict | None:
     if not goals:
         return None
     return {**{key: g.summary for key, g in goals.items()},
-            "lines": ["-- Combination goals", *(line for g in goals.values() for line in g.lines)],
+            "lines": ["-- Goals", *(line for g in goals.values() for line in g.lines)],
             "plots": [p for g in goals.values() for p in g.plots]}
 
 
@@ -215,7 +215,7 @@ def format_report(metrics: dict, table: str, plots: list[str]) -> str:
                          f"points, ahead in {c['wins']} of {c['seeds']} seeds.")
         lines.append("")
     if comb := metrics.get("combination"):
-        lines += ["## Combination goals", "", *[f"- {line.strip()}" for line in comb["lines"][1:]], "",
+        lines += ["## Goals", "", *[f"- {line.strip()}" for line in comb["lines"][1:]], "",
                   *[f"![{p}]({p})" for p in comb["plots"]], ""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     lines += ["## Table", "", "```", table, "```", "",

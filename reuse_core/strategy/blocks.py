@@ -8,13 +8,20 @@ Each reads the resolved options by the names of the shared option groups
 - models: :func:`build_model` (a fresh registered backbone sized for the data), :func:`load_teacher`,
   :func:`load_stored`, :func:`teacher_logits`, and :class:`FeatureTaps` with :func:`spatial_blocks`
   and :func:`pair_blocks` for losses on intermediate features;
-- training: :func:`fit` (the engine, in the run directory, with the run's hooks; resumes with the run);
+- training: :func:`augmentation` (the ``augment`` option's pipeline, random per example) and
+  :func:`fit` (the engine, in the run directory, with the run's hooks; resumes with the run);
+- what a model has seen: :func:`training_data` (the record of its training images, its ancestors'
+  included, kept in its metrics) and :func:`check_unseen` (refuses a model that has seen the run's
+  test images);
 - results: :func:`evaluate`, and :func:`finish`, which evaluates on the test split, saves through
-  :meth:`RunContext.save <reuse_core.strategy.context.RunContext.save>` and returns the result.
+  :meth:`RunContext.save <reuse_core.strategy.context.RunContext.save>` and returns the result;
+- composition: :func:`run_strategy` runs another registered strategy as a part of this run.
 """
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,32 +32,41 @@ from reuse_core.backbone import BackboneError
 from reuse_core.backbone import build as build_backbone
 from reuse_core.data.base import ClassesError
 from reuse_core.engine import evaluate
+from reuse_core.engine.distributed import is_main_process
+from reuse_core.files import read_json, write_json
+from reuse_core.strategy.context import RunContext
 from reuse_core.strategy.options import TRAIN_KEYS, parse_classes, parse_config
 from reuse_core.strategy.schema import OptionError, StrategyResult
 
+if TYPE_CHECKING:
+    from reuse_core.data.augment import Augment
+
 __all__ = [
-    "FeatureTaps", "Subset", "adapt_inputs", "budget_indices", "describe_adapter", "build_model", "class_indices", "evaluate", "finish", "fit",
-    "load_dataset", "load_splits", "load_stored", "load_teacher", "pair_blocks", "spatial_blocks", "teacher_logits",
-    "train_config",
+    "FeatureTaps", "Subset", "adapt_inputs", "augmentation", "budget_indices", "build_model", "check_unseen",
+    "class_indices", "describe_adapter", "evaluate", "finish", "fit", "load_dataset", "load_splits", "load_stored",
+    "load_teacher", "pair_blocks", "run_strategy", "spatial_blocks", "teacher_logits", "train_config", "training_data",
 ]
 
 # The provider arguments every dataset takes; dataset_config may not set them.
 _PROVIDER_ARGS = ("split", "seed", "classes", "root")
+_PART_RESULT = "result.json"  # what a part of a run (run_strategy) returned, in its folder
 
 
 class Subset(Dataset):
     """Some examples of a dataset, keeping the dataset contract's attributes."""
 
-    def __init__(self, data: Dataset, indices: list[int]):
-        self.data, self.indices = data, list(indices)
+    def __init__(self, data: Dataset, positions: list[int]):
+        self.data, self.positions = data, list(positions)
         self.classes, self.in_channels, self.input_size = data.classes, data.in_channels, data.input_size
-        self.targets = [data.targets[i] for i in self.indices]
+        self.targets = [data.targets[i] for i in self.positions]
+        whole = getattr(data, "indices", None)  # the dataset contract's image positions, where it has them
+        self.indices = None if whole is None else [whole[i] for i in self.positions]
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.positions)
 
     def __getitem__(self, i: int):
-        return self.data[self.indices[i]]
+        return self.data[self.positions[i]]
 
 
 def budget_indices(targets: list[int], per_class: int, seed: int) -> list[int]:
@@ -140,27 +156,91 @@ def train_config(ctx, options: dict, **overrides) -> engine.TrainConfig:
     return engine.TrainConfig(**{k: options[k] for k in TRAIN_KEYS}, progress=not ctx.quiet, **overrides)
 
 
+def augmentation(options: dict, data: Dataset) -> Augment | None:
+    """The pipeline of the options' ``augment`` strength (:func:`~reuse_core.strategy.augment_option`)
+    for ``data``'s images: a callable from a batch (N, C, H, W) to a batch of the same shape, each
+    example with its own random parameters; None for ``"none"``."""
+    from reuse_core.data.augment import pipeline  # torchvision: only when a run augments
+
+    return pipeline(options.get("augment") or "none", channels=data.in_channels, size=tuple(data.input_size))
+
+
 def fit(ctx, model: nn.Module, train: Dataset, val: Dataset | None, options: dict, *, loss_fn=None,
-        **config) -> engine.FitResult:
+        augment: Augment | None = None, run_dir: Path | None = None, **config) -> engine.FitResult:
     """Train through the engine in the run directory, with the run's hooks; resumes when the run does.
-    ``loss_fn(model, inputs, targets) -> (loss, outputs)`` (default: cross-entropy); ``config``:
+    ``loss_fn(model, inputs, targets) -> (loss, outputs)`` (default: cross-entropy); ``augment``: a
+    batch augmentation (:func:`augmentation`) applied to the training inputs before ``loss_fn`` sees
+    them; ``run_dir``: another folder for this training (one phase of several); ``config``:
     TrainConfig fields beyond the training options (``num_workers=0``, say)."""
-    kw = {"loss_fn": loss_fn} if loss_fn is not None else {}
-    return engine.fit(model, train, val, config=train_config(ctx, options, **config), run_dir=ctx.run_dir,
+    loss_fn = loss_fn or engine.cross_entropy
+    if augment is not None:
+        plain = loss_fn
+
+        def loss_fn(model, inputs, targets):
+            return plain(model, augment(inputs), targets)
+    return engine.fit(model, train, val, config=train_config(ctx, options, **config), run_dir=run_dir or ctx.run_dir,
                       hooks=ctx.hooks, strategy=ctx.strategy, resume=ctx.resume, device=ctx.device,
-                      options=options, **kw)
+                      options=options, loss_fn=loss_fn)
+
+
+def training_data(ctx, options: dict, train: Dataset | None, *, dataset: str, labelled: int | None = None,
+                  parents: list[str] = ()) -> list[dict]:
+    """What a model is about to be trained on, for its metrics' ``training_data``: one record of
+    ``train`` (dataset, ``data_root``, ``dataset_config``, split seed, classes, how many examples
+    had their label used (``labelled``, None: all), and the images: the dataset's ``indices``, None
+    where it has none; no record when ``train`` is None), then the records of the ``parents``
+    (store IDs) and their ancestors, each naming the model that trained on them."""
+    records = []
+    if train is not None:
+        records.append({
+            "dataset": dataset, "data_root": options.get("data_root"), "dataset_config": options.get("dataset_config"),
+            "split": "train", "seed": options["seed"], "classes": list(train.classes),
+            "labelled": len(train) if labelled is None else labelled, "examples": len(train),
+            "images": None if getattr(train, "indices", None) is None else sorted(train.indices)})
+    for pid in parents:
+        for rec in ctx.store.manifest(pid).get("metrics", {}).get("training_data") or []:
+            rec = {**rec, "model": rec.get("model") or pid}
+            if rec not in records:
+                records.append(rec)
+    return records
+
+
+def check_unseen(ctx, model_ids: list[str], test: Dataset, options: dict, *, dataset: str) -> None:
+    """Refuse, with an :class:`OptionError` naming ``seed``, models (store IDs) that were trained,
+    or whose ancestors were, on images of this run's ``test`` split: their test accuracy would be
+    measured on images they have seen (a model pretrained on one seed's training split has seen part
+    of every other seed's test split). Runs only where the dataset gives ``indices``."""
+    test_images = set(getattr(test, "indices", None) or ())
+    for mid in model_ids:
+        for rec in ctx.store.manifest(mid).get("metrics", {}).get("training_data") or []:
+            same_data = (rec.get("dataset"), rec.get("data_root"), rec.get("dataset_config")) == \
+                (dataset, options.get("data_root"), options.get("dataset_config"))
+            seen = test_images.intersection(rec.get("images") or ()) if same_data else ()
+            if seen:
+                who = f"model {mid}" if rec.get("model", mid) == mid else f"model {mid}'s ancestor {rec['model']}"
+                labels = "their labels unused" if rec.get("labelled") == 0 else "with labels"
+                raise OptionError(
+                    f"option 'seed': {who} was trained on {len(rec['images'])} images of the training split of "
+                    f"{dataset!r} drawn with seed {rec.get('seed')} ({labels}), and {len(seen)} of them are in this "
+                    f"run's test split (seed {options['seed']}): its test accuracy would be measured on images it "
+                    f"has seen. Use seed {rec.get('seed')}, the split the model was trained on, or a model trained "
+                    f"with seed {options['seed']}")
 
 
 def finish(ctx, model: nn.Module, *, fitted: engine.FitResult, test: Dataset, backbone: str, config: dict,
-           dataset: str, classes: list, parents: list[str], options: dict) -> StrategyResult:
+           dataset: str, classes: list, parents: list[str], options: dict, train: Dataset | None = None,
+           labelled: int | None = None) -> StrategyResult:
     """Evaluate ``model`` on the test split, save it through ``ctx.save`` (named by the options'
     ``name``), and return the run's result: test and validation accuracy and loss, epochs,
-    training examples, and the saved model's ID."""
+    training examples, what it and its parents were trained on (:func:`training_data` of
+    ``train``, of which ``labelled`` examples had their label used, None: all; give ``train`` so
+    later runs can check it), and the saved model's ID."""
     test_metrics = evaluate(model, test, ctx.device)
     metrics = {
         "test_accuracy": test_metrics["accuracy"], "test_loss": test_metrics["loss"],
         "val_accuracy": fitted.last_val_accuracy, "best_val_accuracy": fitted.best_val_accuracy,
         "epochs": len(fitted.epochs), "train_examples": fitted.epochs[-1]["samples"] if fitted.epochs else 0,
+        "training_data": training_data(ctx, options, train, dataset=dataset, labelled=labelled, parents=parents),
     }
     model_id = ctx.save(model, backbone=backbone, config=config, dataset=dataset, classes=classes, metrics=metrics,
                         parents=parents, options=options, name=options.get("name"))
@@ -204,11 +284,21 @@ def describe_adapter(adapter: dict, data: Dataset) -> str:
     return "; ".join(steps)
 
 
+def _check_trained_head(manifest: dict, option: str) -> None:
+    if manifest.get("metrics", {}).get("head_trained") is False:
+        strategy = manifest.get("lineage", {}).get("strategy")
+        raise OptionError(f"option {option!r}: model {manifest['id']} was pretrained without labels ({strategy}): its "
+                          f"head was never trained, so its outputs predict nothing; fine-tune it first "
+                          f"(reuse run finetune --model {manifest['id']} ...)")
+
+
 def load_teacher(ctx, options: dict) -> tuple[nn.Module, str, str, list[int]]:
     """(the options' ``teacher`` in eval mode without grad, its store ID, the dataset and the class
-    indices to train on): by default the teacher's own dataset and classes."""
+    indices to train on): by default the teacher's own dataset and classes. A model whose head was
+    never trained (``selfsup``'s) is refused."""
     teacher_id = ctx.model_id(options["teacher"])
     teacher, manifest = ctx.load_model(teacher_id)
+    _check_trained_head(manifest, "teacher")
     teacher.eval().requires_grad_(False)
     dataset = options["dataset"] or manifest["dataset"]
     classes = parse_classes(options["classes"]) or class_indices(dataset, manifest["classes"], options)
@@ -220,10 +310,13 @@ def load_teacher(ctx, options: dict) -> tuple[nn.Module, str, str, list[int]]:
 
 def load_stored(ctx, refs: list[str], options: dict, what: str = "model"):
     """(IDs, the stored models ``refs`` in eval mode, their manifests, the dataset, its validation and
-    test splits for their classes); refuses models whose classes differ."""
+    test splits for their classes); refuses models whose classes differ, and models whose head was
+    never trained."""
     ids = [ctx.model_id(r) for r in refs]
     loaded = [ctx.load_model(i) for i in ids]
     manifests = [m for _, m in loaded]
+    for m in manifests:
+        _check_trained_head(m, f"{what}s")
     first = manifests[0]
     for i, m in zip(ids, manifests):
         if m["classes"] != first["classes"]:
@@ -297,3 +390,27 @@ def pair_blocks(teacher: nn.Module, student: nn.Module, sample: torch.Tensor,
     if k == 0:
         raise OptionError("the teacher or the student has no feature block with a spatial (N, C, H, W) output")
     return list(zip(tb[-k:], sb[-k:]))
+
+
+def run_strategy(ctx, name: str, key: str, options: dict) -> StrategyResult:
+    """Run the registered strategy ``name`` with ``options`` (raw values, as ``reuse_core.run`` takes
+    them) as a part of this run: in ``run_dir/key``, with this run's store, hooks and device. Its
+    models are saved with this run's identity and ``key``, so a resumed run stores nothing twice:
+    a part that finished returns its recorded result, an interrupted one continues from its
+    checkpoint."""
+    strategy = plugins.strategies().get(name)
+    resolved = strategy.resolve(options, where=f"strategy {ctx.strategy!r}, part {key!r} ({name})")
+    part = RunContext(strategy=name, store=ctx.store, hooks=ctx.hooks, run_dir=ctx.run_dir / key, device=ctx.device,
+                      resume=ctx.resume, quiet=ctx.quiet, refs=ctx.refs,
+                      run_id=f"{ctx.run_id}/{key}" if ctx.run_id else None)
+    done = read_json(part.run_dir / _PART_RESULT) if ctx.resume else None
+    if done is not None:
+        return StrategyResult(metrics=done["metrics"], models=done["models"], run_dir=str(part.run_dir))
+    if is_main_process():
+        part.run_dir.mkdir(parents=True, exist_ok=True)
+    result = strategy.run(part, resolved)
+    result.run_dir = str(part.run_dir)
+    if is_main_process():
+        write_json(part.run_dir / _PART_RESULT, {"strategy": name, "options": resolved, "metrics": result.metrics,
+                                                 "models": result.models})
+    return result

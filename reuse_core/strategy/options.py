@@ -82,8 +82,8 @@ def data_options(*, classes_help: str = "class indices to train on, e.g. 0 1 2 o
     )
 
 
-def train_options(*, epochs: int = 10, lr: float = 0.05, optimizer: str = "sgd",
-                  batch_size: int = 64) -> tuple[Option, ...]:
+def train_options(*, epochs: int = 10, lr: float = 0.05, optimizer: str = "sgd", batch_size: int = 64,
+                  weight_decay: float = 5e-4) -> tuple[Option, ...]:
     """The engine's training settings (:data:`TRAIN_KEYS`), with these defaults."""
     return (
         Option("epochs", int, epochs, "training epochs", check=positive),
@@ -91,7 +91,7 @@ def train_options(*, epochs: int = 10, lr: float = 0.05, optimizer: str = "sgd",
         Option("lr", float, lr, "learning rate", check=positive),
         Option("optimizer", str, optimizer, "optimizer", choices=("sgd", "adam", "adamw")),
         Option("momentum", float, 0.9, "SGD momentum (0: plain SGD)", check=non_negative),
-        Option("weight_decay", float, 5e-4, "weight decay", check=non_negative),
+        Option("weight_decay", float, weight_decay, "weight decay", check=non_negative),
         Option("schedule", str, "cosine", "learning-rate schedule", choices=("constant", "step", "cosine")),
         Option("warmup_epochs", float, 0.0, "epochs of linear learning-rate warm-up", check=non_negative),
         Option("seed", int, 0, "seed of the data split, label budget, initialisation and data order"),
@@ -106,6 +106,24 @@ def backbone_options(prefix: str = "", *, default=REQUIRED, what: str = "model")
                "backbone settings as KEY=VALUE, e.g. hidden=[64] (values are read as JSON where they parse)",
                check=parses(parse_config)),
     )
+
+
+# augment's strengths (those of reuse_core.data.augment.pipeline, which needs torch) and what each does
+_AUGMENT_HELP = {
+    "none": "none",
+    "light": "light (grey images: small shifts, rotations and scales; colour: padded crops and flips)",
+    "strong": "strong (grey: larger rotations and scales, shear and pixel noise; colour: resized crops, flips, "
+              "colour jitter and greying)",
+}
+
+
+def augment_option(default: str = "none", *, choices: tuple[str, ...] = tuple(_AUGMENT_HELP),
+                   extra: str = "") -> Option:
+    """``augment``: the built-in random augmentation of the training images, drawn per example
+    (:func:`~reuse_core.strategy.blocks.augmentation`)."""
+    return Option("augment", str, default, "random augmentation of the training images, drawn for each example: "
+                  + "; ".join(_AUGMENT_HELP[c] for c in choices) + f". Grey images are never flipped{extra}",
+                  choices=choices)
 
 
 TEACHER_OPTION = Option("teacher", str, help="the teacher: a recipe step, or a store ID, ID prefix or name", ref=True)

@@ -5,7 +5,9 @@ The teacher runs in eval mode without grad. With ``cache_teacher`` its logits fo
 are computed once, saved in the run directory and looked up by example index each batch (the
 engine shuffles; no augmentation is applied to the cached inputs). With a ``label_budget`` only
 that many examples per class carry a label for the cross-entropy term; the distillation term uses
-every training example, so the teacher labels the rest.
+every training example, so the teacher labels the rest. ``augment`` (per-example random augmentation)
+needs the teacher run online (``cache_teacher`` false), on the same augmented inputs as the student.
+A teacher whose training images (its ancestors' included) overlap the test split is refused.
 
 :func:`distill` takes the teacher as any callable from inputs to logits (a model, an ensemble), so
 other strategies can distill from what they build.
@@ -21,10 +23,12 @@ from torch.utils.data import Dataset
 from reuse_core.engine.checkpoint import load_checkpoint, save_checkpoint
 from reuse_core.nn import DistillationLoss
 from reuse_core.strategy import (
-    NAME_OPTION, TEACHER_OPTION, Option, Strategy, StrategyResult, backbone_options, data_options, non_negative,
-    positive, train_options,
+    NAME_OPTION, TEACHER_OPTION, Option, OptionError, Strategy, StrategyResult, augment_option, backbone_options,
+    data_options, non_negative, positive, train_options,
 )
-from reuse_core.strategy.blocks import budget_indices, build_model, finish, fit, load_splits, load_teacher, teacher_logits
+from reuse_core.strategy.blocks import (
+    augmentation, budget_indices, build_model, check_unseen, finish, fit, load_splits, load_teacher, teacher_logits,
+)
 
 Teacher = Callable[[torch.Tensor], torch.Tensor]
 CACHE_FILE = "teacher_logits.pt"
@@ -77,7 +81,11 @@ def distill(ctx, options: dict, teacher: Teacher, *, teacher_ids: list[str], dat
     """Train the options' student on ``dataset``/``classes`` from ``teacher`` (any callable from a
     batch of inputs to logits over ``classes``, in eval mode) and save it with ``teacher_ids`` as
     its parents."""
+    if options["augment"] != "none" and options["cache_teacher"]:
+        raise OptionError(f"option 'augment': --augment {options['augment']} needs --no-cache-teacher: cached teacher "
+                          "logits come from the unaugmented images, so the teacher must see each augmented batch")
     train, val, test = load_splits({**options, "label_budget": None}, dataset=dataset, classes=classes)
+    check_unseen(ctx, teacher_ids, test, options, dataset=dataset)
     indexed = IndexedSplit(train)
     labelled = torch.zeros(len(train), dtype=torch.bool)
     budget = options["label_budget"]
@@ -106,9 +114,11 @@ def distill(ctx, options: dict, teacher: Teacher, *, teacher_ids: list[str], dat
         return loss, outputs
 
     student, config = build_model(options, train, "student_")
-    fitted = fit(ctx, student, indexed, val, options, loss_fn=loss_fn, num_workers=0)
+    fitted = fit(ctx, student, indexed, val, options, loss_fn=loss_fn, augment=augmentation(options, train),
+                 num_workers=0)
     return finish(ctx, student, fitted=fitted, test=test, backbone=options["student_backbone"], config=config,
-                  dataset=dataset, classes=train.classes, parents=teacher_ids, options=options)
+                  dataset=dataset, classes=train.classes, parents=teacher_ids, options=options, train=train,
+                  labelled=int(labelled.sum()))
 
 
 def run(ctx, options: dict) -> StrategyResult:
@@ -124,6 +134,7 @@ def teacher_options() -> tuple[Option, ...]:
         Option("ce_weight", float, 0.1, "weight of the cross-entropy term on the labelled examples", check=non_negative),
         Option("cache_teacher", bool, True, "run the teacher once over the training set and reuse its logits "
                "(saved in the run directory) instead of running it on every batch"),
+        augment_option(extra=". Needs --no-cache-teacher: the teacher then sees each augmented batch too"),
         *backbone_options("student_", what="student"),
         *data_options(classes_help="the dataset's class indices for the teacher's outputs, in order (default: the teacher's classes)",
                       inherit_from="teacher",

@@ -23,10 +23,10 @@ from reuse_core.combine import (
 )
 from reuse_core.ops import ensemble_average
 from reuse_core.strategy import (
-    NAME_OPTION, Option, Strategy, StrategyResult, backbone_options, data_options, positive, register_model_loader,
-    train_options,
+    NAME_OPTION, Option, OptionError, Strategy, StrategyResult, augment_option, backbone_options, data_options, positive,
+    register_model_loader, train_options,
 )
-from reuse_core.strategy.blocks import build_model, fit, load_splits, load_stored
+from reuse_core.strategy.blocks import augmentation, build_model, fit, load_splits, load_stored, training_data
 
 BACKBONE = "ensemble"
 
@@ -67,9 +67,12 @@ def _batches(data):
 
 
 def _stored_members(ctx, options):
+    if options["augment"] != "none":
+        raise OptionError("option 'augment': it augments the training of members trained here (--backbone); "
+                          "stored --members are only combined")
     ids, members, manifests, dataset, val, test = load_stored(ctx, options["members"], options, "member")
     specs = [{"id": i, "backbone": m["backbone"], "config": m["config"]} for i, m in zip(ids, manifests)]
-    return members, specs, dataset, val, test, None
+    return members, specs, dataset, val, test, None, None
 
 
 def _trained_members(ctx, options):
@@ -81,27 +84,28 @@ def _trained_members(ctx, options):
     first, config = build_model(options, train)
     joint = JointMembers([first, *(build_backbone(options["backbone"], len(train.classes), **config)
                                    for _ in range(options["num_members"] - 1))])
-    fitted = fit(ctx, joint, train, val, options, loss_fn=_joint_loss)
+    fitted = fit(ctx, joint, train, val, options, loss_fn=_joint_loss, augment=augmentation(options, train))
     members = [m.eval() for m in joint.batched.unstack()]
     specs = [{"id": None, "backbone": options["backbone"], "config": config} for _ in members]
-    return members, specs, options["dataset"], val, test, fitted
+    return members, specs, options["dataset"], val, test, fitted, training_data(ctx, options, train,
+                                                                                dataset=options["dataset"])
 
 
-def _save_members(ctx, options, members, specs, dataset, classes, val_acc, test_acc) -> None:
-    """Members trained here go to the store one by one, each with its accuracies."""
+def _save_members(ctx, options, members, specs, dataset, classes, val_acc, test_acc, trained_on) -> None:
+    """Members trained here go to the store one by one, each with its accuracies and training data."""
     for k, (m, spec, va, ta) in enumerate(zip(members, specs, val_acc, test_acc)):
         spec["id"] = ctx.save(m, backbone=spec["backbone"], config=spec["config"], dataset=dataset, classes=classes,
-                              metrics={"val_accuracy": va, "test_accuracy": ta}, parents=[], options=options,
-                              key=f"member-{k}")
+                              metrics={"val_accuracy": va, "test_accuracy": ta, "training_data": trained_on},
+                              parents=[], options=options, key=f"member-{k}")
 
 
 def run(ctx, options: dict) -> StrategyResult:
     if options["members"]:
         if len(options["members"]) < 2:
             raise ValueError(f"ensemble: --members needs at least 2 models, got {options['members']}")
-        members, specs, dataset, val, test, fitted = _stored_members(ctx, options)
+        members, specs, dataset, val, test, fitted, trained_on = _stored_members(ctx, options)
     else:
-        members, specs, dataset, val, test, fitted = _trained_members(ctx, options)
+        members, specs, dataset, val, test, fitted, trained_on = _trained_members(ctx, options)
     val_logits, val_y = collect_logits(members, _batches(val), ctx.device)
     test_logits, test_y = collect_logits(members, _batches(test), ctx.device)
     combine, weighting = options["combine"], options["weighting"]
@@ -122,7 +126,10 @@ def run(ctx, options: dict) -> StrategyResult:
     if fitted is not None:
         metrics["epochs"] = len(fitted.epochs)
     if fitted is not None:
-        _save_members(ctx, options, members, specs, dataset, test.classes, metrics["members_val_accuracy"], member_test)
+        _save_members(ctx, options, members, specs, dataset, test.classes, metrics["members_val_accuracy"], member_test,
+                      trained_on)
+    if all(s["id"] for s in specs):  # on a torchrun job's other processes the members were not saved
+        metrics["training_data"] = training_data(ctx, options, None, dataset=dataset, parents=[s["id"] for s in specs])
     model_id = ctx.save(ensemble, backbone=BACKBONE,
                         config={"members": specs, "combine": combine, "weights": weights.tolist()},
                         dataset=dataset, classes=test.classes, metrics=metrics, parents=[s["id"] for s in specs],
@@ -149,6 +156,7 @@ ENSEMBLE = Strategy(
                "log_probs average the same; the ensemble outputs their log), or a majority vote", choices=COMBINES),
         Option("weighting", str, "uniform", "member weights: uniform, proportional to validation accuracy, or "
                "learned on the validation split", choices=WEIGHTINGS),
+        augment_option(extra=". For members trained here (--backbone)"),
         *data_options(inherit_from="first member"),
         *train_options(),
         NAME_OPTION,

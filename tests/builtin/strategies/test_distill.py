@@ -9,6 +9,7 @@ import torch
 
 from reuse_core import run as reuse_run
 from reuse_core.builtin.strategies import distill
+from reuse_core.strategy import OptionError
 
 STUDENT = dict(student_backbone="mlp", student_backbone_config=["hidden=[16]"], epochs=2, lr=0.1, batch_size=32)
 
@@ -65,3 +66,13 @@ def test_a_batch_out_of_step_with_the_loader_is_refused():
     split[0], split[1]
     with pytest.raises(RuntimeError, match="out of step"):
         split.take(torch.tensor([split.targets[1], split.targets[0] + 5]))
+
+
+def test_augmentation_needs_the_teacher_online(store, teacher):
+    with pytest.raises(OptionError, match="option 'augment': --augment light needs --no-cache-teacher"):
+        reuse_run.run("distill", store=store, quiet=True, teacher=teacher.model, student_backbone="mlp", epochs=1,
+                      augment="light")
+    result = reuse_run.run("distill", store=store, quiet=True, teacher=teacher.model, student_backbone="mlp", epochs=1,
+                           augment="light", cache_teacher=False, label_budget=3)
+    records = result.metrics["training_data"]
+    assert records[0]["labelled"] == 15 and records[1]["model"] == teacher.model

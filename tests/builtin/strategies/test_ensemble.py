@@ -102,6 +102,8 @@ def test_refuses_members_with_other_classes_and_a_missing_source(store, teacher)
         reuse_run.run("ensemble", store=store, quiet=True)
     with pytest.raises(ValueError, match="at least 2 models"):
         reuse_run.run("ensemble", store=store, quiet=True, members=[teacher.model])
+    with pytest.raises(ValueError, match="option 'augment': it augments the training of members trained here"):
+        reuse_run.run("ensemble", store=store, quiet=True, members=[teacher.model, teacher.model], augment="light")
 
 
 def test_distilling_an_ensemble_into_one_student(store, together):

@@ -53,7 +53,7 @@ def test_an_unknown_model_is_a_clear_error(store):
 
     with pytest.raises(StoreError, match="no model 'nope'"):
         reuse_run.run("finetune", store=store, quiet=True, model="nope")
-    with pytest.raises(OptionError, match="option 'mode': expected one of full, linear, partial"):
+    with pytest.raises(OptionError, match="option 'mode': expected one of full, linear, partial, lp-ft"):
         reuse_run.run("finetune", store=store, quiet=True, model="x", mode="half")
 
 
@@ -76,3 +76,28 @@ def test_an_imported_model_fine_tunes_on_images_of_another_form(store, tmp_path,
     student = reuse_run.run("distill", store=store, quiet=True, teacher=tuned.model, student_backbone="mlp",
                             label_budget=3, epochs=1)
     assert store.manifest(student.model)["lineage"]["parents"] == [tuned.model]
+
+
+def test_lp_ft_trains_the_head_first_then_everything_at_the_reused_rate(store, teacher):
+    result = reuse_run.run("finetune", store=store, quiet=True, model=teacher.model, classes=["5-9"], label_budget=4,
+                           epochs=3, lr=0.1, reused_lr_scale=0.25, schedule="constant", mode="lp-ft")
+    run_dir = Path(result.run_dir)
+    probe = torch.load(run_dir / "linear-probe" / "checkpoint.pt", weights_only=True)
+    tuned = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    source = store.load(teacher.model)[0]
+    assert probe["epoch"] == 1 and tuned["epoch"] == 2 and result.metrics["epochs"] == 3
+    assert not [k for k in source if not k.startswith("head.") and not torch.equal(source[k], probe["model"][k])], \
+        "the first phase trains only the head (batch-norm statistics included)"
+    assert _changed(source, tuned["model"], "conv1.") and _changed(probe["model"], tuned["model"], "head.")
+    assert [g["lr"] for g in tuned["optimizer"]["param_groups"]] == pytest.approx([0.025]), \
+        "the second phase trains every layer at lr * reused_lr_scale"
+
+
+def test_lp_ft_needs_an_epoch_per_phase(store, teacher):
+    with pytest.raises(OptionError, match="option 'mode': lp-ft needs --epochs of at least 2"):
+        reuse_run.run("finetune", store=store, quiet=True, model=teacher.model, classes=["5-9"], epochs=1, mode="lp-ft")
+
+
+def test_augmentation_is_drawn_anew_and_repeats_with_the_seed(store, teacher):
+    tuned = [_finetune(store, teacher, augment=a)[1] for a in ("none", "light", "light")]
+    assert _changed(tuned[0], tuned[1], "conv1.") and not _changed(tuned[1], tuned[2], "")
