@@ -27,6 +27,9 @@ demo: setup
 	$(VENV)/bin/reuse demo
 
 bench: setup
+	# liger-kernel is a contender of fused_linear_distill; its chunked losses are plain PyTorch, so
+	# no triton (its GPU dependency) is needed on the CPU
+	$(PY) -m pip install -q --no-deps "liger-kernel==0.8.5"
 	$(VENV)/bin/reuse bench
 
 test: setup

@@ -43,6 +43,19 @@ TORCH_LIBRARY(reuse_core, m) {
   m.def(
       "attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor out, "
       "Tensor stats, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
+  // Linear layer + distillation loss over chunks of rows: student logits = hidden (N.., H) @ weight^T
+  // (+ bias), never materialised beyond a chunk. teacher_mode 0: dense teacher (teacher_hidden,
+  // teacher_weight, teacher_bias?); 1 "bucket" / 2 "renormalize": sparse teacher (teacher_indices,
+  // teacher_logprobs (.., k)). chunk_size <= 0 picks it from memory. Returns the loss and the
+  // gradients (scaled by the reduction) of hidden, weight and bias for those asked (empty otherwise).
+  // row_weight (N..) multiplies each row's gradient (the backward of reduction "none" passes the
+  // incoming per-row gradient with reduction "sum"); the loss is not weighted.
+  m.def(
+      "fused_linear_distill(Tensor student_hidden, Tensor student_weight, Tensor? student_bias, "
+      "Tensor? teacher_hidden, Tensor? teacher_weight, Tensor? teacher_bias, Tensor? teacher_indices, "
+      "Tensor? teacher_logprobs, int teacher_mode, Tensor? labels, Tensor? row_weight, float temperature, float kd_weight, "
+      "float ce_weight, int ignore_index, int reduction, int chunk_size, bool grad_hidden, bool grad_weight, "
+      "bool grad_bias) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
   // Gives the CPU output cache's memory back to the system; returns how many bytes it held.
   m.def("empty_cache() -> int", &empty_cpu_cache);

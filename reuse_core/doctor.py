@@ -135,11 +135,42 @@ def check_attention(device: str) -> None:
             _close(f"{what} ({where})", got, want)
 
 
+def check_fused_linear_distill(device: str) -> None:
+    """Dense and sparse ("bucket", "renormalize") teachers, bias, CE with ignored rows, several
+    chunks: loss and the gradients of hidden, weight and bias."""
+    from reuse_core.ops import SparseTeacher, fused_linear_distill_loss
+    from reuse_core.ops.reference import fused_linear_distill_loss_reference
+
+    g = torch.Generator().manual_seed(8642)
+    N, H, Ht, V, k = 13, 24, 20, 301, 16
+    h0, w0, b0 = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) * 0.5, torch.randn(V, generator=g)
+    th, tw = torch.randn(N, Ht, generator=g), torch.randn(V, Ht, generator=g) * 0.5
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[[3, 8]] = -100
+    top = torch.log_softmax(th @ tw.T / 2.0, -1).topk(k, -1)
+    teachers = {"dense": (th, tw), "bucket": SparseTeacher(top.indices, top.values, "bucket"),
+                "renormalize": SparseTeacher(top.indices, top.values, "renormalize")}
+    for name, teacher in teachers.items():
+        results = []
+        for fn, dt, dev in ((fused_linear_distill_loss, torch.float32, device),
+                            (fused_linear_distill_loss_reference, torch.float64, "cpu")):
+            h, w, b = _leaf(h0, dev, dt), _leaf(w0, dev, dt), _leaf(b0, dev, dt)
+            t = (tuple(x.to(dev, dt) for x in teacher) if name == "dense"
+                 else SparseTeacher(teacher.indices.to(dev), teacher.logprobs.to(dev, dt), teacher.tail))
+            kw = {"chunk_size": 4} if fn is fused_linear_distill_loss else {}
+            loss = fn(h, w, t, labels.to(dev), student_bias=b, temperature=2.0, ce_weight=0.3, **kw)
+            loss.backward()
+            results.append((loss, h.grad, w.grad, b.grad))
+        for what, got, want in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), *results):
+            _close(f"{what} ({name} teacher)", got, want)
+
+
 #: op stem -> check(device): raises on a mismatch.
 CHECKS: dict[str, Callable[[str], None]] = {
     "distill_kl": check_distill_kl,
     "ensemble_average": check_ensemble_average,
     "attention": check_attention,
+    "fused_linear_distill": check_fused_linear_distill,
 }
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from .attention import AttentionBench
 from .distill_kl import DistillKLBench
 from .ensemble_average import EnsembleAverageBench
+from .fused_linear_distill import FusedLinearDistillBench
 from .measure import (  # the names the CLI, benchmarks/ and a new op module use
     _FALLBACK_WARNING, BENCHES, DEFAULT_REPEATS, QUICK_REPEATS, Case, Contender, Extra, OpBench, all_contenders,
     build_workload, copy_bandwidth, run_case,
@@ -27,5 +28,7 @@ from .measure import (  # the names the CLI, benchmarks/ and a new op module use
 from .report import environment, format_table, summary
 from .runner import all_cases, run
 
-BENCHES.update((b.name, b) for b in (DistillKLBench(), EnsembleAverageBench(), AttentionBench()))
+BENCHES.update((b.name, b) for b in (
+    DistillKLBench(), EnsembleAverageBench(), AttentionBench(), FusedLinearDistillBench(),
+))
 CONTENDERS = all_contenders()

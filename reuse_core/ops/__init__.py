@@ -4,5 +4,8 @@ from ._ext import empty_cache
 from .attention import attention
 from .distill_kl import distill_kl_loss
 from .ensemble_average import ensemble_average
+from .fused_linear_distill import SparseTeacher, fused_linear_distill_loss
 
-__all__ = ["attention", "distill_kl_loss", "empty_cache", "ensemble_average"]
+__all__ = [
+    "SparseTeacher", "attention", "distill_kl_loss", "empty_cache", "ensemble_average", "fused_linear_distill_loss",
+]

@@ -18,7 +18,7 @@ except ImportError as exc:  # built without the extension, or built for another 
     _C = None
     LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 
-OPS = ("distill_kl", "ensemble_average", "attention")
+OPS = ("distill_kl", "ensemble_average", "attention", "fused_linear_distill")
 BACKENDS = ("CPU", "CUDA")
 _warned: set[tuple[str, str]] = set()
 

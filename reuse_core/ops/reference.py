@@ -12,6 +12,18 @@ def _math_dtype(*xs: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
+def _with_cross_entropy(rows, s, labels, ce_weight, ignore_index):
+    """rows + ce_weight * CE(s, labels), 0 for the ignored rows; and which rows count."""
+    counted = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+    if labels is None:
+        return rows, counted
+    lab = labels.reshape(-1).long()
+    counted = lab != ignore_index
+    if ce_weight != 0:
+        rows = rows + ce_weight * F.cross_entropy(s, lab, ignore_index=ignore_index, reduction="none")
+    return torch.where(counted, rows, torch.zeros((), dtype=rows.dtype, device=s.device)), counted
+
+
 def distill_kl_loss_reference(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -38,13 +50,7 @@ def distill_kl_loss_reference(
     rows = torch.zeros(s.shape[0], dtype=dt, device=s.device)
     if kd_weight != 0:
         rows = rows + kd_weight * T * T * (p * diff).sum(-1)
-    counted = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
-    if labels is not None:
-        lab = labels.reshape(-1).long()
-        counted = lab != ignore_index
-        if ce_weight != 0:
-            rows = rows + ce_weight * F.cross_entropy(s, lab, ignore_index=ignore_index, reduction="none")
-        rows = torch.where(counted, rows, torch.zeros((), dtype=dt, device=s.device))
+    rows, counted = _with_cross_entropy(rows, s, labels, ce_weight, ignore_index)
     out_dtype = student_logits.dtype
     if reduction == "none":
         return rows.reshape(student_logits.shape[:-1]).to(out_dtype)
@@ -143,3 +149,86 @@ def attention_reference(
     if not exact:
         return torch.matmul(p, vf).to(q.dtype)
     return (torch.where(keep, p[..., None], zero) * torch.where(keep, vf[..., None, :, :], zero)).sum(-2).to(q.dtype)
+
+
+def _sparse_distill_rows(s: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor, tail: str,
+                         temperature: float) -> torch.Tensor:
+    """Per-row KL of a sparse (top-k) teacher against the student logits s (N, V), before kd_weight * T^2."""
+    dt = s.dtype
+    zero = torch.zeros((), dtype=dt, device=s.device)
+    V, k = s.shape[-1], indices.shape[-1]
+    idx = indices.reshape(-1, k).long()
+    lp = logprobs.reshape(-1, k).to(dt).detach()
+    sorted_idx = idx.sort(-1).values
+    if ((idx < 0) | (idx >= V)).any():
+        raise ValueError(f"SparseTeacher.indices must be in [0, {V})")
+    if k > 1 and (sorted_idx[:, 1:] == sorted_idx[:, :-1]).any():
+        raise ValueError("SparseTeacher.indices repeat an id in a row (each kept id may appear once)")
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    kept = log_q.gather(-1, idx)
+    mass = lp.exp().sum(-1, keepdim=True)  # P: the kept teacher mass
+    if tail == "bucket":
+        log_p = lp - torch.where(mass > 1, mass.log(), zero)  # renormalised to 1 only when P > 1
+        p = log_p.exp()
+        rows = torch.where((p > 0) | p.isnan(), p * (log_p - kept), zero).sum(-1)
+        if k < V:  # the tail outcome: teacher mass r = 1 - P, student mass q_r = sum of q off the kept ids
+            r = (1 - mass.clamp(max=1)).clamp(min=0)
+            mask = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
+            log_q_r = torch.logsumexp(log_q.masked_fill(mask, -torch.inf), -1, keepdim=True)
+            rows = rows + (torch.xlogy(r, r) - torch.where(r > 0, r * log_q_r, zero)).squeeze(-1)
+        return rows
+    # renormalize: teacher p_i / P and student q_i / sum_S q, over the kept ids only
+    log_p = lp - mass.log()
+    p = log_p.exp()
+    log_qt = kept - torch.logsumexp(kept, -1, keepdim=True)
+    rows = torch.where((p > 0) | p.isnan(), p * (log_p - log_qt), zero).sum(-1)
+    return torch.where((mass > 0).squeeze(-1) | mass.isnan().squeeze(-1), rows, zero)  # no mass: nothing to teach
+
+
+def fused_linear_distill_loss_reference(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher,
+    labels: torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    chunk_size: int | None = None,  # noqa: ARG001  (the reference materialises every row at once)
+) -> torch.Tensor:
+    """``distill_kl_loss`` on materialised logits ``student_hidden @ student_weight.T (+ bias)``.
+
+    ``teacher`` is a dense ``(hidden, weight[, bias])`` tuple or a ``SparseTeacher`` (indices,
+    logprobs, tail) as defined in docs/ops.md; the teacher gets no gradient."""
+    dense = not hasattr(teacher, "tail")
+    xs = [student_hidden, student_weight] + ([t for t in teacher if t is not None] if dense else [])
+    dt = _math_dtype(*xs)
+    out_dtype = student_hidden.dtype
+    lead = student_hidden.shape[:-1]
+    s = F.linear(student_hidden.to(dt), student_weight.to(dt), None if student_bias is None else student_bias.to(dt))
+    V = s.shape[-1]
+    s = s.reshape(-1, V)
+    T = float(temperature)
+    if dense:
+        th, tw = teacher[0], teacher[1]
+        tb = teacher[2] if len(teacher) > 2 else None
+        with torch.no_grad():
+            t = F.linear(th.to(dt), tw.to(dt), None if tb is None else tb.to(dt)).reshape(-1, V)
+        loss = distill_kl_loss_reference(
+            s, t, None if labels is None else labels.reshape(-1), temperature=T, kd_weight=kd_weight,
+            ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
+        )
+        return (loss.reshape(lead) if reduction == "none" else loss).to(out_dtype)
+    rows = torch.zeros(s.shape[0], dtype=dt, device=s.device)
+    if kd_weight != 0:
+        rows = rows + kd_weight * T * T * _sparse_distill_rows(s, teacher.indices, teacher.logprobs, teacher.tail, T)
+    rows, counted = _with_cross_entropy(rows, s, labels, ce_weight, ignore_index)
+    if reduction == "none":
+        return rows.reshape(lead).to(out_dtype)
+    total = rows.sum()
+    if reduction in ("mean", "batchmean"):
+        total = total / counted.sum().clamp(min=1)
+    return total.to(out_dtype)

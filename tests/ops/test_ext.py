@@ -39,7 +39,7 @@ def test_build_info_keys(monkeypatch):
     assert _ext.build_info()["cpu_isa"] == "portable"
 
 
-@pytest.mark.parametrize("op", ["distill_kl", "ensemble_average", "ensemble_average_backward"])
+@pytest.mark.parametrize("op", ["distill_kl", "ensemble_average", "ensemble_average_backward", "fused_linear_distill"])
 def test_cpu_kernels_registered(op):
     assert _ext.has_kernel(op, "CPU")
     if _ext.has_kernel(op, "CUDA"):
