@@ -526,9 +526,11 @@ def test_nan_and_inf_in_masked_keys_reach_nothing(target, dtype, kind, gen, monk
     got = fwd_bwd(attention, q, k_bad, v_bad, g, causal=causal, key_padding_mask=mask)
     want = fwd_bwd(attention, q, k0, v0, g, causal=causal, key_padding_mask=mask)
     # causal: each query's row multiplies only the keys it sees when v is not finite, which
-    # rounds differently from one product over the tile
-    tol = dict(rtol=0, atol=0) if kind == "padding" else \
-        dict(rtol=8e-3, atol=1e-5) if dtype in LOW_PRECISION else dict(rtol=1e-5, atol=1e-6)
+    # rounds differently from one product over the tile. The output rounds to a neighbour; dq and
+    # dk carry that through sums of terms that cancel (floors), so they are held to a few ulps of
+    # their largest entry rather than of each entry.
     for name, a, b in zip(NAMES, got, want):
         assert_all(torch.isfinite(a), f"{name} finite", a)
-        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name} vs the run with zeros in the masked keys: {m}")
+        atol = 0.0 if kind == "padding" else 4 * torch.finfo(dtype).eps * float(b.abs().max())
+        torch.testing.assert_close(a, b, rtol=0, atol=atol,
+                                   msg=lambda m: f"{name} vs the run with zeros in the masked keys: {m}")
