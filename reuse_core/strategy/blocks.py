@@ -229,18 +229,20 @@ def check_unseen(ctx, model_ids: list[str], test: Dataset, options: dict, *, dat
 
 def finish(ctx, model: nn.Module, *, fitted: engine.FitResult, test: Dataset, backbone: str, config: dict,
            dataset: str, classes: list, parents: list[str], options: dict, train: Dataset | None = None,
-           labelled: int | None = None) -> StrategyResult:
+           labelled: int | None = None, metrics: dict | None = None) -> StrategyResult:
     """Evaluate ``model`` on the test split, save it through ``ctx.save`` (named by the options'
     ``name``), and return the run's result: test and validation accuracy and loss, epochs,
     training examples, what it and its parents were trained on (:func:`training_data` of
     ``train``, of which ``labelled`` examples had their label used, None: all; give ``train`` so
-    later runs can check it), and the saved model's ID."""
+    later runs can check it), the strategy's own ``metrics`` (JSON values), and the saved model's
+    ID."""
     test_metrics = evaluate(model, test, ctx.device)
     metrics = {
         "test_accuracy": test_metrics["accuracy"], "test_loss": test_metrics["loss"],
         "val_accuracy": fitted.last_val_accuracy, "best_val_accuracy": fitted.best_val_accuracy,
         "epochs": len(fitted.epochs), "train_examples": fitted.epochs[-1]["samples"] if fitted.epochs else 0,
         "training_data": training_data(ctx, options, train, dataset=dataset, labelled=labelled, parents=parents),
+        **(metrics or {}),
     }
     model_id = ctx.save(model, backbone=backbone, config=config, dataset=dataset, classes=classes, metrics=metrics,
                         parents=parents, options=options, name=options.get("name"))
