@@ -2,8 +2,8 @@
 // - a dense teacher: the chunk's loss and student-logit gradient from distill_kl's row kernel
 //   (csrc/distill_kl/distill_kl_cpu_rows.h, the same AVX2/AVX-512/portable paths), written into a
 //   gradient buffer reused across chunks;
-// - a sparse (top-k) teacher: the row kernel below, for the "bucket" and "renormalize" tails
-//   (docs/ops.md defines them).
+// - a sparse (top-k) teacher: fused_linear_distill_cpu_rows.h (portable here, AVX2 and AVX-512 in
+//   their own files), for the "bucket" and "renormalize" tails (docs/ops.md defines them).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -15,9 +15,16 @@
 
 #include "../common/cpu_features.h"
 #include "../distill_kl/distill_kl_cpu_rows.h"
+#include "fused_linear_distill_cpu_rows.h"
 #include "fused_linear_distill_loop.h"
 
 namespace reuse_core {
+
+void fld_sparse_rows_portable(const FLDSparseParams& P, int64_t r0, int64_t r1) {
+  // float64 math for float32 storage too, as distill_kl's portable rows
+  if (P.f64) FLDSparseRows<ScalarOps<double>, double>::run(P, r0, r1);
+  else FLDSparseRows<ScalarOps<double>, float>::run(P, r0, r1);
+}
 
 int64_t fld_count_rows(const at::Tensor& labels, int64_t N, int64_t V, int64_t ignore_index) {
   if (labels.is_cuda()) {
@@ -56,110 +63,39 @@ inline void mark_ids(const int64_t* idx, int64_t k, int64_t V, int64_t row, std:
   }
 }
 
-// One row of the sparse-teacher loss. T is the math type (float, or double for float64 inputs);
-// sums are kept in double. `mark` is a per-thread zeroed scratch of V bytes, left zeroed.
-template <class T>
-void sparse_row(const T* s, const int64_t* idx, const T* lp, int64_t V, int64_t k, int64_t label, bool use_ce,
-                const FLDChunk& P, int64_t row, std::vector<uint8_t>& mark, std::vector<T>& es, T* loss, T* g) {
-  const bool bucket = P.mode == kBucketTeacher;
-  const double Tm = P.temperature, invT = 1.0 / Tm;
-  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
-  mark_ids(idx, k, V, row, mark);
-  bool has_nan = false;
-  double m = -inf;
-  for (int64_t j = 0; j < V; ++j) {
-    has_nan |= std::isnan(s[j]);
-    m = std::max<double>(m, s[j]);
-  }
-  for (int64_t i = 0; i < k; ++i) has_nan |= std::isnan(lp[i]);
-  if (has_nan) {
-    for (int64_t i = 0; i < k; ++i) mark[idx[i]] = 0;
-    *loss = T(nan);
-    if (g) for (int64_t j = 0; j < V; ++j) g[j] = T(nan);
-    return;
-  }
-  const double c = m == -inf ? 0.0 : m;
-  // Z: all ids, ZS: kept, Zr: not kept (the student's tail, summed directly, never 1 - kept).
-  double Z = 0, ZS = 0, Zr = 0, Zc = 0;
-  for (int64_t j = 0; j < V; ++j) {
-    const T e = std::exp(T((double(s[j]) - c) * invT));  // exp in T (expf for float32), sums in double
-    es[j] = e;
-    Z += e;
-    if (mark[j]) ZS += e; else Zr += e;
-    if (use_ce) Zc += invT == 1.0 ? double(e) : double(std::exp(T(double(s[j]) - c)));
-  }
-  const double logZ = std::log(Z);
-  // The teacher: p_i = exp(lp_i), P = sum; renormalised to 1 when rounding makes P > 1.
-  double Pk = 0;
-  for (int64_t i = 0; i < k; ++i) Pk += std::exp(double(lp[i]));
-  const double logP = std::log(Pk);
-  const double pshift = (bucket ? (Pk > 1 ? logP : 0.0) : logP);  // log p_i = lp_i - pshift
-  // A renormalize teacher row with no mass (all log-probs -inf) has nothing to teach; a bucket
-  // one puts all its mass in the tail.
-  const bool use_kd = P.kd_weight != 0 && (bucket || Pk > 0);
-  const double r = bucket ? std::max(0.0, 1.0 - std::min(Pk, 1.0)) : 0.0;
-  const bool tail = bucket && k < V && r > 0;
-  const double gq = use_kd ? P.kd_weight * Tm * P.grad_scale : 0.0;
-  const double gc = use_ce ? P.ce_weight * P.grad_scale : 0.0;
-  // log of the student's normaliser over the outcomes compared: all ids (bucket), kept ids (renormalize)
-  const double logQ = bucket ? logZ : std::log(ZS);
-
-  double kl = 0;
-  if (use_kd) {
-    for (int64_t i = 0; i < k; ++i) {
-      const double logp = double(lp[i]) - pshift;
-      const double p = std::exp(logp);
-      if (p > 0) kl += p * (logp - ((double(s[idx[i]]) - c) * invT - logQ));
-    }
-    if (tail) kl += r * (std::log(r) - (std::log(Zr) - logZ));  // log q_r = log Zr - log Z; Zr = 0 gives +inf
-    if (!(Z > 0) || (!bucket && !(ZS > 0))) kl = inf;
-  }
-  double L = use_kd ? P.kd_weight * Tm * Tm * kl : 0.0;
-  if (use_ce) L += P.ce_weight * (Zc > 0 ? std::log(Zc) + c - double(s[label]) : inf);
-  *loss = T(L);
-
-  if (g) {
-    const double invZ = Z > 0 ? 1.0 / Z : 0.0, invZS = ZS > 0 ? 1.0 / ZS : 0.0, invZr = Zr > 0 ? 1.0 / Zr : 0.0;
-    const double invZc = Zc > 0 ? 1.0 / Zc : 0.0;
-    for (int64_t j = 0; j < V; ++j) {
-      const double e = es[j];
-      double gj;
-      if (bucket) gj = gq * (e * invZ - (mark[j] ? 0.0 : r * e * invZr));  // q_j - r q_j / q_r off the kept ids
-      else gj = mark[j] ? gq * e * invZS : 0.0;
-      if (use_ce) gj += gc * (invT == 1.0 ? e : double(std::exp(T(double(s[j]) - c)))) * invZc;
-      g[j] = T(gj);
-    }
-    for (int64_t i = 0; i < k; ++i) g[idx[i]] -= T(gq * std::exp(double(lp[i]) - pshift));
-    if (use_ce) g[label] -= T(gc);
-  }
-  for (int64_t i = 0; i < k; ++i) mark[idx[i]] = 0;
-}
-
-template <class T>
+// The sparse-teacher rows of a chunk (fused_linear_distill_cpu_rows.h), on the widest vector
+// unit for float32; the ids of each row are checked first, so no row kernel needs to throw.
 void sparse_chunk(FLDChunk& P) {
   const int64_t n = P.S.size(0), V = P.S.size(1), k = P.idx.size(1);
-  const T* S = P.S.data_ptr<T>();
-  const int64_t* IX = P.idx.data_ptr<int64_t>();
-  const T* LP = P.lp.data_ptr<T>();
-  const int64_t* lab = P.labels.defined() ? P.labels.data_ptr<int64_t>() : nullptr;
-  T* loss = P.loss_rows.data_ptr<T>();
-  T* G = P.G.defined() ? P.G.data_ptr<T>() : nullptr;
-  const bool use_ce = P.ce_weight != 0 && lab != nullptr;
+  FLDSparseParams R;
+  R.student = P.S.data_ptr();
+  R.idx = P.idx.data_ptr<int64_t>();
+  R.logprobs = P.lp.data_ptr();
+  R.labels = P.labels.defined() ? P.labels.data_ptr<int64_t>() : nullptr;
+  R.grad = P.G.defined() ? P.G.data_ptr() : nullptr;
+  R.loss_rows = P.loss_rows.data_ptr();
+  R.vocab = V;
+  R.k = k;
+  R.bucket = P.mode == kBucketTeacher;
+  R.f64 = P.S.scalar_type() == at::kDouble;
+  R.temperature = P.temperature;
+  R.kd_weight = P.kd_weight;
+  R.ce_weight = P.ce_weight;
+  R.grad_scale = P.grad_scale;
+  R.ignore_index = P.ignore_index;
+  const CpuIsa isa = R.f64 ? CpuIsa::portable : cpu_isa();
   const int64_t grain = std::max<int64_t>(1, 32768 / V);
   at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
     std::vector<uint8_t> mark(V, 0);
-    std::vector<T> es(V);
-    for (int64_t r = r0; r < r1; ++r) {
-      T* g = G ? G + r * V : nullptr;
-      const int64_t label = lab ? lab[r] : -1;
-      if (lab && label == P.ignore_index) {
-        mark_ids(IX + r * k, k, V, P.row0 + r, mark);  // an ignored row's ids are checked all the same
-        for (int64_t i = 0; i < k; ++i) mark[IX[r * k + i]] = 0;
-        loss[r] = 0;
-        if (g) std::fill(g, g + V, T(0));
-        continue;
-      }
-      sparse_row<T>(S + r * V, IX + r * k, LP + r * k, V, k, label, use_ce, P, P.row0 + r, mark, es, loss + r, g);
+    for (int64_t r = r0; r < r1; ++r) {  // an ignored row's ids are checked all the same
+      const int64_t* ix = R.idx + r * k;
+      mark_ids(ix, k, V, P.row0 + r, mark);
+      for (int64_t i = 0; i < k; ++i) mark[ix[i]] = 0;
+    }
+    switch (isa) {
+      case CpuIsa::avx512: fld_sparse_rows_avx512(R, r0, r1); break;
+      case CpuIsa::avx2: fld_sparse_rows_avx2(R, r0, r1); break;
+      default: fld_sparse_rows_portable(R, r0, r1);
     }
   });
 }
@@ -167,7 +103,7 @@ void sparse_chunk(FLDChunk& P) {
 at::Tensor cpu_step(FLDChunk& P) {
   const bool f64 = P.S.scalar_type() == at::kDouble;
   if (P.mode != kDenseTeacher) {
-    if (f64) sparse_chunk<double>(P); else sparse_chunk<float>(P);
+    sparse_chunk(P);
     return P.G;
   }
   DistillKLParams D;
