@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 EXT_SOURCES := $(shell find csrc -type f) setup.py
 
-.PHONY: setup demo bench test clean
+.PHONY: setup demo bench device-wheels test clean
 
 setup: $(VENV)/.ext-stamp
 
@@ -31,6 +31,10 @@ bench: setup
 	# no triton (its GPU dependency) is needed on the CPU
 	$(PY) -m pip install -q --no-deps "liger-kernel==0.8.5"
 	$(VENV)/bin/reuse bench
+
+# wheels for benchmarks/device_check.sh (the GPU machine has no package registry): run with carry .whl
+device-wheels:
+	$(PY) -m pip download -q --no-deps -d .whl "liger-kernel==0.8.5"
 
 test: setup
 	$(VENV)/bin/reuse doctor

@@ -4,7 +4,9 @@
 #
 #   bash benchmarks/device_check.sh
 #
-# Steps: environment (nvidia-smi, torch, nvcc) -> build the extension in place (timed) ->
+# Steps: environment (nvidia-smi, torch, nvcc) -> the wheels in .whl/ (`make device-wheels` fetches
+# liger-kernel there, a contender of fused_linear_distill; carry .whl to the device, which has no
+# package registry) -> build the extension in place (timed) ->
 # `reuse doctor` -> the CUDA tests (pytest -k cuda) -> `reuse bench --device cuda`, one run per op
 # -> SASS summary of the reuse_core kernels (cuobjdump) -> a short table of every step, last.
 # A failing step is reported and the next one runs. The whole check keeps to a deadline
@@ -95,6 +97,12 @@ for mod in ("triton", "pytest", "hypothesis", "pytest_benchmark"):
     except ImportError:
         print(f"{mod}: missing")
 EOF
+}
+
+wheels() {
+    local w=(.whl/*.whl)
+    [[ -e ${w[0]} ]] || { echo "no wheels in .whl/ (make device-wheels): the contenders they bring are left out"; return 0; }
+    PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --no-deps --no-index --no-input "${w[@]}"
 }
 
 build() {
@@ -220,9 +228,10 @@ EOF
     done
 }
 
-export -f env_info build doctor cuda_tests bench_op sass
+export -f env_info wheels build doctor cuda_tests bench_op sass
 
 step env 60 env_info
+step wheels 60 wheels
 if [[ ${DEVICE_CHECK_SKIP_BUILD:-0} == 1 ]]; then
     SUMMARY+=("build|SKIPPED (DEVICE_CHECK_SKIP_BUILD=1)|0")
 else

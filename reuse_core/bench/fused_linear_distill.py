@@ -9,6 +9,10 @@ logits materialised, then the reference KL) and compile (``torch.compile`` of th
 * ``sparse64``: this op with a sparse top-64 teacher (``SparseTeacher``, tail "bucket"; the top-k
   is taken once, untimed); ratio ``dense/sparse64`` = the dense op's time over it (it skips the
   teacher's GEMM: 4/3 is the ceiling);
+* ``sgemm``: the four products alone, each one ``torch.mm`` over all N rows (h W^T, t_h t_W^T, then
+  the logits-shaped result times W and its transpose times h): this machine's sgemm at the op's
+  shapes, timed in the same rounds; ratio ``sgemm/fused`` = its time / fused, the fraction of the
+  sgemm throughput the whole op reaches (its GEMMs alone reach more);
 * ``liger``: liger-kernel's ``LigerFusedLinearJSDLoss`` (``pip install reuse-core[bench]``), set
   to the forward KL (beta=0), no hard loss, and ``weight_soft_loss = T**2`` so that its value equals
   this op's (it applies no T**2 of its own); only listed when liger-kernel imports.
@@ -74,6 +78,17 @@ def _sparse64(case: Case, inputs: dict) -> Contender:
                                                                           chunk_size=inputs["chunk"]))
 
 
+def _sgemm(case: Case, inputs: dict) -> Contender:
+    h, W, th, tw = (inputs[k].detach() for k in ("h", "W", "th", "tw"))
+
+    def call():
+        s = torch.mm(h, W.t())
+        t = torch.mm(th, tw.t())
+        return (s, t, torch.mm(s, W), torch.mm(s.t(), h))
+
+    return Contender(call)
+
+
 def _liger(case: Case, inputs: dict) -> Contender:
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
@@ -88,6 +103,7 @@ class FusedLinearDistillBench(OpBench):
     extra_contenders = {
         "materialised": Extra(_materialised, "speedup_vs_materialised", "x materialised", directions=("fwd+bwd",)),
         "sparse64": Extra(_sparse64, "fused_vs_sparse64", "dense/sparse64", fused_over=True, directions=("fwd+bwd",)),
+        "sgemm": Extra(_sgemm, "speedup_vs_sgemm", "sgemm/fused", directions=("fwd+bwd",)),
         "liger": Extra(_liger, "speedup_vs_liger", "x liger", directions=("fwd+bwd",)),
     }
 

@@ -12,6 +12,12 @@ contenders, per case:
   compile  torch.compile(reference, dynamic=False), compiled and warmed up before timing
   floor    distill_kl fwd+bwd only: torch.add(s, t), read two inputs and write one fresh tensor
   sdpa     attention only: torch.nn.functional.scaled_dot_product_attention (GFLOP/s and x sdpa)
+  fused_linear_distill only (reuse_core/bench/fused_linear_distill.py):
+    materialised  the logits with F.linear, then the fused distill_kl_loss
+    sparse64      this op with a top-64 teacher (dense/sparse64 = the dense op's time over it)
+    sgemm         the op's four products alone, torch.mm over all rows (sgemm/fused = the fraction of
+                  sgemm throughput the op reaches)
+    liger         liger-kernel's LigerFusedLinearJSDLoss, forward KL (pip install reuse-core[bench])
 
 Timed as a user calls the op: `loss = op(...); loss.backward()` (fwd+bwd) or `op(...)` (fwd),
 gradients allocated by the call, default environment. Each repeat runs every contender once,
