@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from reuse_core.ops import SparseTeacher, fused_linear_distill_loss
 from reuse_core.ops.reference import fused_linear_distill_loss_reference
@@ -229,6 +231,54 @@ def test_all_rows_ignored_is_zero(gen):
     loss, gh, gW, gb = fwd_bwd(fused_linear_distill_loss, h, W, b, tch, labels, torch.float32, ignore_index=-7,
                                ce_weight=1.0)
     assert float(loss.detach()) == 0.0 and not gh.any() and not gW.any() and not gb.any()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    lead=st.lists(st.integers(0, 6), min_size=1, max_size=3),
+    H=st.integers(1, 40),
+    V=st.integers(1, 90),
+    k_frac=st.floats(0.0, 1.0),
+    teacher=st.sampled_from(TEACHERS),
+    path=st.sampled_from(["cpu-avx512", "cpu-avx2", "cpu-portable", "generic"]),
+    chunk=st.sampled_from([None, 1, 3, 16]),
+    with_labels=st.booleans(),
+    T=st.sampled_from([0.5, 1.0, 3.0]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_hypothesis_shapes(lead, H, V, k_frac, teacher, path, chunk, with_labels, T, seed, monkeypatch):
+    """Any leading shape (empty ones too), hidden size, vocabulary, k in [1, V] and chunk size: float32
+    against the float64 reference, on every code path."""
+    select(path, monkeypatch)
+    gen = torch.Generator().manual_seed(seed)
+    k = max(1, round(k_frac * V))
+    h, W, b, labels, tch = make_case(gen, lead=tuple(lead), H=H, Ht=max(1, H // 2), V=V, k=k, teacher=teacher, T=T)
+    kw = dict(temperature=T, kd_weight=0.8, ce_weight=0.4 if with_labels else 0.0, chunk_size=chunk)
+    labels = labels if with_labels else None
+    with dispatched(OP):
+        got = fwd_bwd(fused_linear_distill_loss, h, W, b, tch, labels, torch.float32, **kw)
+    want = fwd_bwd(fused_linear_distill_loss_reference, h, W, b, tch, labels, torch.float64, **kw)
+    check_all(got, want, torch.float32, what=f"({teacher}, lead {lead}, H {H}, V {V}, k {k}, chunk {chunk})")
+
+
+@pytest.mark.parametrize("teacher", TEACHERS)
+def test_teacher_dtypes_of_their_own(teacher, gen):
+    """A teacher stored in another dtype than the student (a bf16 teacher head, the float16
+    log-probs and int32 ids of a top-k cache) is computed as its float32 values: bit for bit the
+    loss and gradients of the same values given in float32 (int64 ids)."""
+    h, W, b, labels, tch = make_case(gen, teacher=teacher)
+    h, W, b = (x.float() for x in (h, W, b))
+    if teacher == "dense":
+        mixed = tuple(x.to(torch.bfloat16) for x in tch)
+        same = tuple(x.float() for x in mixed)
+    else:
+        mixed = SparseTeacher(tch.indices.to(torch.int32), tch.logprobs.to(torch.float16), teacher)
+        same = SparseTeacher(tch.indices, mixed.logprobs.float(), teacher)
+    a = fwd_bwd(fused_linear_distill_loss, h, W, b, mixed, labels, torch.float32, temperature=2.0, ce_weight=0.3)
+    r = fwd_bwd(fused_linear_distill_loss, h, W, b, same, labels, torch.float32, temperature=2.0, ce_weight=0.3)
+    for name, x, y in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), a, r):
+        assert x.dtype == torch.float32, name
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("teacher", TEACHERS)
