@@ -30,29 +30,11 @@ from reuse_core.engine.checkpoint import load_checkpoint, save_checkpoint
 from reuse_core.nn import DistillationLoss
 from reuse_core.ops import SparseTeacher, fused_linear_distill_loss
 from reuse_core.strategy import (
-    NAME_OPTION,
-    TEACHER_OPTION,
-    Option,
-    OptionError,
-    Strategy,
-    StrategyResult,
-    augment_option,
-    backbone_options,
-    data_options,
-    non_negative,
-    positive,
-    train_options,
+    NAME_OPTION, TEACHER_OPTION, Option, OptionError, Strategy, StrategyResult, augment_option, backbone_options,
+    data_options, non_negative, positive, train_options,
 )
 from reuse_core.strategy.blocks import (
-    augmentation,
-    budget_indices,
-    build_model,
-    check_unseen,
-    finish,
-    fit,
-    load_splits,
-    load_teacher,
-    teacher_logits,
+    augmentation, budget_indices, build_model, check_unseen, finish, fit, load_splits, load_teacher, teacher_logits,
 )
 
 Teacher = Callable[[torch.Tensor], torch.Tensor]
