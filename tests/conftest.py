@@ -133,6 +133,52 @@ def sum_scale(*factors: torch.Tensor) -> float:
     return float(prod.sum())
 
 
+def distill_terms(s: torch.Tensor, logp: torch.Tensor, *, temperature: float, kd_weight: float, ce_weight: float,
+                  labels: torch.Tensor | None = None, ignore_index: int = -100, tail: str | None = None):
+    """The size of the terms that cancel in a distillation loss and its gradients, in float64 (for
+    scale_floor). Where the student nearly matches the teacher (V = 2, small logits) the loss
+    sum p (log p - log q) and the gradient q - p cancel to far below their terms, and no float32
+    evaluation is more exact than eps times those terms.
+
+    ``s``: student logits (..., V); ``logp``: the teacher's log-probabilities at T (..., V), -inf
+    off the kept ids of a sparse teacher (``tail`` "bucket" or "renormalize"; None: dense).
+    Returns, per row, sum |terms| of the loss (N,); per entry, of d loss / d s (N, V); and of
+    d loss / d t for a dense teacher (N, V); before the reduction's factor. Infinite terms are
+    dropped (an infinite loss is checked as such)."""
+    V, T = s.shape[-1], float(temperature)
+    s, logp = (x.detach().double().cpu().reshape(-1, V) for x in (s, logp))
+    keep = logp > -math.inf
+    zero = torch.zeros((), dtype=torch.float64)
+    if tail == "renormalize":
+        logq = torch.log_softmax((s / T).masked_fill(~keep, -math.inf), -1)
+        logp = logp - torch.logsumexp(logp, -1, keepdim=True)
+    else:
+        logq = torch.log_softmax(s / T, -1)
+    if tail == "bucket":
+        mass = logp.exp().sum(-1, keepdim=True)
+        logp = logp - torch.where(mass > 1, mass.log(), zero)
+    p, q = logp.exp(), logq.exp()
+    # each log-probability carries the rounding of a log-sum-exp, log Z with Z >= 1: 1 per term
+    pa = torch.where(p > 0, p * (logp.abs() + logq.abs() + 2), zero)
+    loss = kd_weight * T * T * pa.sum(-1)
+    gs = kd_weight * T * (p + torch.where(keep | (tail != "renormalize"), q, zero))
+    gt = kd_weight * T * (pa + p * pa.sum(-1, keepdim=True))
+    if tail == "bucket":
+        r = (1 - p.sum(-1)).clamp(min=0)
+        q_r = torch.where(keep, zero, q).sum(-1)
+        loss = loss + kd_weight * T * T * torch.where(r > 0, r * (r.log().abs() + q_r.log().abs() + 2), zero)
+        gs = gs + kd_weight * T * torch.where(keep, zero, (r / q_r)[:, None] * q)
+    if labels is not None:
+        lab = labels.reshape(-1).long().cpu()
+        counted = lab != ignore_index
+        if ce_weight != 0:
+            y = torch.where(counted, lab, 0)
+            loss = loss + ce_weight * (torch.logsumexp(s, -1).abs() + s.gather(-1, y[:, None])[:, 0].abs() + 1)
+            gs = gs + ce_weight * (torch.softmax(s, -1) + torch.nn.functional.one_hot(y, V))
+        loss, gs, gt = loss * counted, gs * counted[:, None], gt * counted[:, None]
+    return tuple(x.nan_to_num(0.0, posinf=0.0) for x in (loss, gs, gt))
+
+
 def _finite_scale(ref: torch.Tensor, fin: torch.Tensor | None = None) -> float:
     fin = torch.isfinite(ref) if fin is None else fin
     vals = ref[fin]

@@ -215,15 +215,25 @@ struct FLDSparseRows {
           vstore<Ops, Tl>(g + i, gv, n - i);
         });
       }
+      // The label's entry gc (q_y - 1) is summed in double and rounded once: rounding gc q_y first
+      // and then subtracting gc leaves a row whose terms cancel (a one-id vocabulary) eps gc off 0.
+      bool label_kept = false;
       for (int64_t i = 0; i < k; ++i) {
         const int64_t j = ix[i];
         double gj = P.bucket ? gq * double(kept[i]) * invZ
                              : (ZS > 0 ? gq * std::exp((double(s[j]) - cS) * invT) / ZS : 0.0);
         if (use_kd) gj -= gq * std::exp(double(lp[i]) - pshift);
         if (use_ce) gj += gc * double(ec[j]) * invZc;
+        if (use_ce && j == label) {
+          gj -= gc;
+          label_kept = true;
+        }
         ScalarOps<T>::store(g + j, T(gj));
       }
-      if (use_ce) ScalarOps<T>::store(g + label, T(double(ScalarOps<T>::load(g + label)) - gc));
+      if (use_ce && !label_kept) {
+        const double gl = a * double(es[label]) + a_tail * double(er[label]) + gc * double(ec[label]) * invZc - gc;
+        ScalarOps<T>::store(g + label, T(gl));
+      }
     }
   }
 };
