@@ -189,10 +189,13 @@ def test_bucket_tail_is_exact_when_the_kept_mass_is_near_one(path, dtype, gen, m
 @pytest.mark.parametrize("tail", ["bucket", "renormalize"])
 def test_masked_vocabulary_and_large_logits(path, dtype, tail, gen, monkeypatch):
     """A vocabulary padded with -inf bias entries that no row keeps (their probability and gradient
-    are 0, the tail sums skip them) and logits in the thousands: finite, and exact against float64
-    (float32 may meet the rule for extreme inputs, as PyTorch's own float32 does not meet 1e-5)."""
+    are 0, the tail sums skip them) and logits in the thousands: finite, and within the float32
+    tolerance of float64. The inputs are small integers, so every float32 logit is exact: a rounded
+    logit of ~1e3 would be off by 1e-4, which near ties moves the gradients past 1e-5 in any
+    float32 evaluation (PyTorch's own may be closer or farther by luck)."""
     device = select(path, monkeypatch)
     h, W, b, labels, tch = make_case(gen, lead=(5,), V=101, k=7, teacher=tail, scale=20.0, ignore_frac=0)
+    h, W, b = h.round(), W.round(), b.round()  # integer products and sums far below 2^24: exact in float32
     free = sorted(set(range(101)) - set(tch.indices.flatten().tolist()))
     pad = torch.tensor(free[:: max(1, len(free) // 6)][:6])
     b = b.clone()
@@ -205,10 +208,9 @@ def test_masked_vocabulary_and_large_logits(path, dtype, tail, gen, monkeypatch)
     with dispatched(OP, device=device):
         got = fwd_bwd(fused_linear_distill_loss, h, W, b, tch, labels, dtype, chunk_size=2, **kw)
     want = fwd_bwd(fused_linear_distill_loss_reference, h, W, b, tch, labels, torch.float64, **kw)
-    same = fwd_bwd(fused_linear_distill_loss_reference, h, W, b, tch, labels, dtype, **kw)
     assert torch.isfinite(got[0]) and all(torch.isfinite(g).all() for g in got[1:3])
     assert float(want[0].detach().abs()) > 10, "the logits are large"
-    check_all(got, want, dtype, same_dtype=same, what=f"({tail}, -inf bias, large logits)", f32_as_torch=True)
+    check_all(got, want, dtype, what=f"({tail}, -inf bias, large logits)")
 
 
 @pytest.mark.parametrize("path, dtype", PATHS)
